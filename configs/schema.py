@@ -1,0 +1,301 @@
+"""The one typed configuration of dcrl, loaded from TOML.
+
+Every process (actor, learner, buffer tools, launchers) takes ``--config PATH`` and reads this schema.
+Unknown keys are errors, ranges are checked, and a bad value fails at start naming the field, e.g.
+``configs/tiny.toml: learner.lr: Input should be greater than 0 (got -1)``.
+
+Environment overrides (so honcho's ``.env`` and Ray can point all processes at one server):
+``DCRL_REDIS_URL`` replaces ``redis.url``; ``DCRL_REDIS_PASSWORD`` replaces ``redis.password``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unparsable or invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RunConfig(_Strict):
+    name: str = Field("tiny", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Run name: outputs go to ``<root>/<name>/`` (metrics.jsonl, report.png, checkpoints, weights)."""
+    root: str = "runs"
+    """Directory holding all runs (relative paths are relative to the working directory)."""
+    seed: int = Field(0, ge=0)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+class RedisConfig(_Strict):
+    url: str = "redis://127.0.0.1:6390/0"
+    """Redis URL; ``DCRL_REDIS_URL`` overrides it."""
+    password: str | None = None
+    """Password (``requirepass``); ``DCRL_REDIS_PASSWORD`` overrides it. None = no AUTH."""
+    prefix: str = Field("dcrl", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Key prefix: streams ``<prefix>:traj`` / ``<prefix>:dead``, hash ``<prefix>:control``."""
+    consumer_group: str = "learners"
+    pending_timeout_s: float = Field(60.0, gt=0)
+    """Entries pending longer than this on a consumer are reclaimed by another one (XAUTOCLAIM)."""
+    read_block_ms: int = Field(500, ge=1)
+    max_held_groups: int = Field(1024, ge=1)
+    """Actor side: finished groups held in memory while Redis is unreachable."""
+    retry_backoff_s: float = Field(0.2, gt=0)
+    retry_backoff_max_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """Give up (with a clear error) if Redis cannot be reached for this long at start."""
+    data_dir: str = "runs/redis"
+    """Where the Procfile's redis-server keeps its append-only file."""
+
+
+class TinyModelConfig(_Strict):
+    """Architecture and warm start of the built-in tiny Qwen3 model (``python -m learner.tiny``)."""
+
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(32, ge=8)
+    intermediate_size: int = Field(256, ge=16)
+    max_position_embeddings: int = Field(512, ge=64)
+    warmstart_steps: int = Field(300, ge=0)
+    warmstart_lr: float = Field(3e-3, gt=0)
+    warmstart_batch: int = Field(64, ge=1)
+    warmstart_max_acc: float = Field(0.45, gt=0, le=1)
+    """Stop the supervised warm start once greedy accuracy on held-out prompts reaches this."""
+
+
+class ModelConfig(_Strict):
+    path: str = ".cache/tiny-qwen3"
+    """HF model directory (config.json, tokenizer, safetensors), loaded by both vLLM and transformers."""
+    build_tiny: bool = False
+    """Build and warm-start the tiny model at ``path`` if it is not there yet."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    max_seq_len: int = Field(512, ge=16)
+
+
+class EnvConfig(_Strict):
+    name: str = "arithmetic"
+    """Built-in ``arithmetic`` / ``guess_number``, or an import path ``package.module:Class``."""
+    kwargs: dict[str, Any] = {}
+    """Passed to the environment's constructor."""
+
+
+class ActorConfig(_Strict):
+    concurrency: int = Field(16, ge=1)
+    """Episodes in flight per actor process."""
+    group_size: int = Field(8, ge=1)
+    """G: episodes per group (same prompt / environment seed)."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens_per_turn: int = Field(16, ge=1)
+    max_tokens_per_episode: int = Field(256, ge=1)
+    max_turns: int = Field(12, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """vLLM compute dtype: bfloat16 vs the learner's float32 is the engine mismatch dcrl budgets."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kv_cache_gb: int = Field(1, ge=1)
+    """vLLM CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu: int | None = None
+    """GPU index; default: the replica index (honcho/ray) modulo visible GPUs."""
+    weights_cache_dir: str = "runs/actor_weights"
+    """Where weights fetched over ZMQ are written (actors without the learner's filesystem)."""
+    status_interval_s: float = Field(10.0, gt=0)
+    max_groups: int | None = Field(None, ge=1)
+    """Stop after this many groups (None: run until the learner says stop or SIGTERM)."""
+    seed: int = Field(0, ge=0)
+
+
+class LearnerConfig(_Strict):
+    steps: int = Field(20, ge=1)
+    batch_groups: int = Field(4, ge=1)
+    """Groups consumed per optimizer step."""
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clip_eps_low: float = Field(0.2, gt=0, lt=1)
+    clip_eps_high: float = Field(0.28, gt=0)
+    micro_batch: int = Field(16, ge=1)
+    """Trajectories per forward/backward pass (gradient accumulation over the step's batch)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    publish_every: int = Field(1, ge=1)
+    keep_versions: int = Field(3, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    zmq_pub: str = "tcp://127.0.0.1:5590"
+    """PUB socket announcing WeightsReady."""
+    zmq_files: str = "tcp://127.0.0.1:5591"
+    """ROUTER socket serving weight files to actors without a shared filesystem."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "dcrl"
+    progress: bool = True
+
+
+class ControllerConfig(_Strict):
+    mode: Literal["dcmdp", "none", "tis", "icepop", "mis", "fixed", "sync"] = "dcmdp"
+    """Off-policy handling. dcmdp: adaptive (lambda drives penalty, IS bounds, K). Baselines on the same
+    code path: none (mu taken as pi_old), tis (truncated IS), icepop (mask outside bounds), mis (masked IS,
+    sequence level), fixed (TIS with K = k_max), sync (K = 0)."""
+    metric: Literal["abs_prob", "k3", "k2"] = "abs_prob"
+    penalty: Literal["advantage", "k2"] = "advantage"
+    delta: float | Literal["auto"] = "auto"
+    """Tolerance of the discrepancy constraint D <= delta; auto = (1 + auto_slack) * engine floor at warm-up."""
+    auto_slack: float = Field(0.5, ge=0)
+    warmup_steps: int = Field(1, ge=1)
+    dual: Literal["ascent", "pid"] = "ascent"
+    eta: float = Field(1.0, gt=0)
+    """Dual ascent step on the normalised violation (D - delta) / delta."""
+    lambda_init: float = Field(0.1, ge=0)
+    lambda_max: float = Field(10.0, gt=0)
+    kp: float = Field(0.5, ge=0)
+    ki: float = Field(0.2, ge=0)
+    kd: float = Field(0.1, ge=0)
+    ema_alpha: float = Field(0.5, gt=0, le=1)
+    beta_max: float = Field(5.0, gt=1)
+    beta_min: float = Field(1.5, gt=1)
+    k_max: int = Field(4, ge=0)
+    k_min: int = Field(0, ge=0)
+    tis_cap: float = Field(2.0, gt=0)
+    icepop_low: float = Field(0.5, gt=0)
+    icepop_high: float = Field(5.0, gt=1)
+    mis_low: float = Field(0.5, gt=0)
+    mis_high: float = Field(2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ControllerConfig":
+        if isinstance(self.delta, float) and self.delta <= 0:
+            raise ValueError("delta must be > 0 or 'auto'")
+        if self.beta_min > self.beta_max:
+            raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+        if self.icepop_low >= self.icepop_high:
+            raise ValueError("icepop_low must be < icepop_high")
+        return self
+
+
+class RayConfig(_Strict):
+    num_actors: int = Field(2, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_gpus_learner: float = Field(0.0, ge=0)
+    max_restarts: int = Field(5, ge=0)
+    address: str | None = None
+    """Existing Ray cluster address; None starts a local single-node Ray on 127.0.0.1."""
+
+
+class DcrlConfig(_Strict):
+    run: RunConfig = RunConfig()
+    redis: RedisConfig = RedisConfig()
+    model: ModelConfig = ModelConfig()
+    env: EnvConfig = EnvConfig()
+    actor: ActorConfig = ActorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    controller: ControllerConfig = ControllerConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DcrlConfig":
+        if self.actor.max_tokens_per_turn > self.actor.max_tokens_per_episode:
+            raise ValueError("actor.max_tokens_per_turn must be <= actor.max_tokens_per_episode")
+        if self.actor.max_tokens_per_episode >= self.model.max_seq_len:
+            raise ValueError("actor.max_tokens_per_episode must be < model.max_seq_len (room for the prompt)")
+        return self
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc or '<root>'}: {e['msg']}{got_s}")
+    return "invalid config\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a table")
+    node[keys[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. learner.steps=5")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.strip(), value
+
+
+def resolve_preset(path: str | os.PathLike) -> Path:
+    """A path as given, or the name of a bundled preset (``tiny`` -> configs/tiny.toml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (PRESET_DIR / p, PRESET_DIR / f"{p}.toml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                env: dict[str, str] | None = None) -> DcrlConfig:
+    """Load and validate a TOML config; ``overrides`` are ``section.key=value`` strings applied on top."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = resolve_preset(path)
+        source = str(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        _set_dotted(data, *_parse_override(item))
+    if env.get("DCRL_REDIS_URL"):
+        _set_dotted(data, "redis.url", env["DCRL_REDIS_URL"])
+    if env.get("DCRL_REDIS_PASSWORD"):
+        _set_dotted(data, "redis.password", env["DCRL_REDIS_PASSWORD"])
+    try:
+        return DcrlConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def add_config_args(parser) -> None:
+    """The two config flags every dcrl command accepts."""
+    parser.add_argument("--config", "-c", default="tiny",
+                        help="TOML config file or bundled preset name (default: tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set learner.steps=5 (repeatable)")
+
+
+def config_from_args(args) -> DcrlConfig:
+    """Load the config named on the command line or exit(2) with the message naming the bad field."""
+    import sys
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

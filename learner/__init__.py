@@ -1,0 +1,1 @@
+"""dcrl learner."""

@@ -1,0 +1,29 @@
+"""dcrl wire protocol: msgspec Structs, msgpack encoding, one ProtocolError for every bad input."""
+
+from protocol.messages import (
+    FINISH_REASONS,
+    Control,
+    ProtocolError,
+    Trajectory,
+    TrajectoryGroup,
+    WeightsReady,
+    decode,
+    decode_group,
+    encode,
+    validate_group,
+    validate_trajectory,
+)
+
+__all__ = [
+    "FINISH_REASONS",
+    "Control",
+    "ProtocolError",
+    "Trajectory",
+    "TrajectoryGroup",
+    "WeightsReady",
+    "decode",
+    "decode_group",
+    "encode",
+    "validate_group",
+    "validate_trajectory",
+]

@@ -1,0 +1,237 @@
+"""Wire contracts of dcrl: every message that crosses a process boundary.
+
+msgspec Structs, msgpack-encoded. Per-token arrays travel as raw little-endian bytes (no per-element
+msgpack overhead, zero-copy ``np.frombuffer`` on the reader): token ids int32, logprobs float32,
+versions int32, loss mask uint8. Nothing is ever pickled.
+
+Each Struct says who writes it and who reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+
+TOKEN_DTYPE = np.dtype("<i4")
+LOGPROB_DTYPE = np.dtype("<f4")
+VERSION_DTYPE = np.dtype("<i4")
+MASK_DTYPE = np.dtype("<u1")
+
+# Finish reasons an actor may report for one trajectory.
+FINISH_REASONS = ("stop", "length", "env_done", "turn_limit", "token_limit", "aborted")
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded or failed validation. ``str(err)`` is a readable reason."""
+
+
+# Actor -> Redis -> learner
+class Trajectory(msgspec.Struct, kw_only=True, frozen=True):
+    """One episode: the whole token sequence the policy saw, prompt and environment tokens included.
+
+    Arrays all have length ``n`` (the number of tokens). Position t holds token ``token_ids[t]``;
+    for generated tokens (``loss_mask[t] == 1``) ``logprobs[t]`` is the behaviour log-probability
+    log mu(a_t) after temperature, and ``versions[t]`` the policy version of the weights that sampled
+    it. Prompt and environment tokens have mask 0, logprob 0 and version -1.
+    """
+
+    token_ids: bytes  # int32 LE, written by the actor
+    logprobs: bytes  # float32 LE, behaviour logprobs (0 where loss_mask == 0)
+    versions: bytes  # int32 LE, policy version per token (-1 where loss_mask == 0)
+    loss_mask: bytes  # uint8, 1 = model-generated (trained on), 0 = prompt / environment
+    reward: float  # episode return from the environment
+    turn_starts: list[int] = []  # token index where each model turn begins
+    finish_reason: str = "stop"  # one of FINISH_REASONS
+    prompt_len: int = 0  # tokens of the first observation
+
+    @classmethod
+    def from_arrays(
+        cls,
+        token_ids: Any,
+        logprobs: Any,
+        versions: Any,
+        loss_mask: Any,
+        *,
+        reward: float,
+        turn_starts: list[int] | None = None,
+        finish_reason: str = "stop",
+        prompt_len: int = 0,
+    ) -> "Trajectory":
+        return cls(
+            token_ids=np.asarray(token_ids, dtype=TOKEN_DTYPE).tobytes(),
+            logprobs=np.asarray(logprobs, dtype=LOGPROB_DTYPE).tobytes(),
+            versions=np.asarray(versions, dtype=VERSION_DTYPE).tobytes(),
+            loss_mask=np.asarray(loss_mask, dtype=MASK_DTYPE).tobytes(),
+            reward=float(reward),
+            turn_starts=list(turn_starts or []),
+            finish_reason=finish_reason,
+            prompt_len=int(prompt_len),
+        )
+
+    # Readers: zero-copy views (read-only) over the message bytes.
+    @property
+    def tokens_np(self) -> np.ndarray:
+        return np.frombuffer(self.token_ids, dtype=TOKEN_DTYPE)
+
+    @property
+    def logprobs_np(self) -> np.ndarray:
+        return np.frombuffer(self.logprobs, dtype=LOGPROB_DTYPE)
+
+    @property
+    def versions_np(self) -> np.ndarray:
+        return np.frombuffer(self.versions, dtype=VERSION_DTYPE)
+
+    @property
+    def mask_np(self) -> np.ndarray:
+        return np.frombuffer(self.loss_mask, dtype=MASK_DTYPE)
+
+    def __len__(self) -> int:
+        return len(self.token_ids) // TOKEN_DTYPE.itemsize
+
+
+# Actor -> Redis stream <prefix>:traj -> learner
+class TrajectoryGroup(msgspec.Struct, kw_only=True, frozen=True):
+    """G trajectories sharing one prompt or environment seed: the unit of GRPO advantage normalisation."""
+
+    group_id: str  # unique, written by the actor ("<actor_id>-<n>")
+    actor_id: str  # which actor process produced it
+    engine: str  # inference engine tag, e.g. "vllm-cpu/bf16"
+    env: str  # environment name (import path or built-in name)
+    seed: int  # environment seed / prompt index shared by the group
+    trajectories: list[Trajectory]
+    created_at: float = 0.0  # unix time the group was finished
+
+
+# Learner -> actors (ZMQ PUB, and the control hash for late joiners)
+class WeightsReady(msgspec.Struct, kw_only=True, frozen=True):
+    """Weights of policy ``version`` are ready at ``path`` (a directory holding model.safetensors)."""
+
+    version: int
+    path: str  # directory on the learner's filesystem
+    sha256: str  # hex digest of model.safetensors
+    url: str = ""  # ZMQ endpoint that serves the file, for actors without the learner's filesystem
+    created_at: float = 0.0
+
+
+# Learner -> actors (control hash <prefix>:control)
+class Control(msgspec.Struct, kw_only=True, frozen=True):
+    """The learner's current state as far as actors need it."""
+
+    version: int  # learner policy version V (number of optimizer steps taken)
+    max_staleness: int  # staleness cap K from the DCMDP controller
+    lam: float = 0.0  # Lagrange multiplier lambda (for logging / status lines)
+    beta: float = 0.0  # current IS bound beta(lambda)
+    batch_groups: int = 1  # groups per learner step, for admission control
+    stop: bool = False  # learner finished: actors drain and exit
+
+
+_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control)
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {t: msgspec.msgpack.Decoder(t) for t in _MESSAGE_TYPES}
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """msgpack bytes of any protocol message."""
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, type_: type, **validate_kw: Any) -> Any:
+    """Decode ``data`` as ``type_`` and validate it. Raises only ProtocolError.
+
+    For TrajectoryGroup, ``vocab_size`` and ``current_version`` (optional) tighten the checks.
+    """
+    if type_ not in _decoders:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected bytes, got {type(data).__name__}")
+    try:
+        msg = _decoders[type_].decode(data)
+    except msgspec.DecodeError as e:  # covers ValidationError (a subclass)
+        raise ProtocolError(f"{type_.__name__}: {e}") from None
+    except Exception as e:  # msgspec may raise others on pathological input; keep one error type
+        raise ProtocolError(f"{type_.__name__}: undecodable ({type(e).__name__}: {e})") from None
+    if type_ is TrajectoryGroup:
+        validate_group(msg, **validate_kw)
+    elif type_ is WeightsReady:
+        validate_weights_ready(msg)
+    elif type_ is Control:
+        validate_control(msg)
+    return msg
+
+
+def decode_group(data: bytes, *, vocab_size: int | None = None, current_version: int | None = None) -> TrajectoryGroup:
+    return decode(data, TrajectoryGroup, vocab_size=vocab_size, current_version=current_version)
+
+
+def validate_trajectory(t: Trajectory, *, vocab_size: int | None = None, current_version: int | None = None, where: str = "") -> None:
+    """Raise ProtocolError naming the first field that breaks the contract."""
+    p = f"{where}: " if where else ""
+    for name, dt in (("token_ids", TOKEN_DTYPE), ("logprobs", LOGPROB_DTYPE), ("versions", VERSION_DTYPE)):
+        if len(getattr(t, name)) % dt.itemsize:
+            raise ProtocolError(f"{p}{name} has {len(getattr(t, name))} bytes, not a multiple of {dt.itemsize}")
+    n = len(t)
+    for name in ("logprobs", "versions", "loss_mask"):
+        m = len(getattr(t, name)) // np.dtype(_DTYPES[name]).itemsize
+        if m != n:
+            raise ProtocolError(f"{p}length mismatch: {name} has {m} entries, token_ids has {n}")
+    if n == 0:
+        raise ProtocolError(f"{p}empty trajectory")
+    ids, lp, ver, mask = t.tokens_np, t.logprobs_np, t.versions_np, t.mask_np
+    if ids.min() < 0:
+        raise ProtocolError(f"{p}negative token id {int(ids.min())}")
+    if vocab_size is not None and ids.max() >= vocab_size:
+        raise ProtocolError(f"{p}token id {int(ids.max())} >= vocab size {vocab_size}")
+    if mask.max() > 1:
+        raise ProtocolError(f"{p}loss_mask holds {int(mask.max())}; only 0 and 1 are allowed")
+    if not mask.any():
+        raise ProtocolError(f"{p}no generated token (loss_mask is all 0)")
+    gen = mask.astype(bool)
+    if not np.isfinite(lp).all():
+        raise ProtocolError(f"{p}non-finite logprob (NaN or inf)")
+    if (lp[gen] > 1e-4).any():  # tolerate float rounding of log(1)
+        raise ProtocolError(f"{p}positive logprob {float(lp[gen].max()):.4g}")
+    if (ver[gen] < 0).any():
+        raise ProtocolError(f"{p}generated token with negative version {int(ver[gen].min())}")
+    if current_version is not None and gen.any() and ver[gen].max() > current_version:
+        raise ProtocolError(f"{p}version {int(ver[gen].max())} is from the future (learner is at {current_version})")
+    if not math.isfinite(t.reward):
+        raise ProtocolError(f"{p}reward is not finite")
+    if t.finish_reason not in FINISH_REASONS:
+        raise ProtocolError(f"{p}finish_reason {t.finish_reason!r} not in {FINISH_REASONS}")
+    if not 0 <= t.prompt_len <= n:
+        raise ProtocolError(f"{p}prompt_len {t.prompt_len} outside [0, {n}]")
+    if any(not 0 <= s < n for s in t.turn_starts) or t.turn_starts != sorted(t.turn_starts):
+        raise ProtocolError(f"{p}turn_starts must be increasing indices in [0, {n})")
+
+
+_DTYPES = {"token_ids": TOKEN_DTYPE, "logprobs": LOGPROB_DTYPE, "versions": VERSION_DTYPE, "loss_mask": MASK_DTYPE}
+
+
+def validate_group(g: TrajectoryGroup, *, vocab_size: int | None = None, current_version: int | None = None) -> None:
+    if not g.trajectories:
+        raise ProtocolError(f"group {g.group_id!r}: no trajectories")
+    if not g.group_id:
+        raise ProtocolError("group_id is empty")
+    for i, t in enumerate(g.trajectories):
+        validate_trajectory(t, vocab_size=vocab_size, current_version=current_version, where=f"group {g.group_id!r} trajectory {i}")
+
+
+def validate_weights_ready(w: WeightsReady) -> None:
+    if w.version < 0:
+        raise ProtocolError(f"WeightsReady.version {w.version} < 0")
+    if len(w.sha256) != 64 or any(c not in "0123456789abcdef" for c in w.sha256):
+        raise ProtocolError("WeightsReady.sha256 is not a 64-digit lowercase hex digest")
+
+
+def validate_control(c: Control) -> None:
+    if c.version < 0:
+        raise ProtocolError(f"Control.version {c.version} < 0")
+    if c.max_staleness < 0:
+        raise ProtocolError(f"Control.max_staleness {c.max_staleness} < 0")
+    if c.batch_groups < 1:
+        raise ProtocolError(f"Control.batch_groups {c.batch_groups} < 1")
+    if not (math.isfinite(c.lam) and c.lam >= 0):
+        raise ProtocolError(f"Control.lam {c.lam} must be finite and >= 0")
