@@ -1,6 +1,8 @@
 """dcrl wire protocol: msgspec Structs, msgpack encoding, one ProtocolError for every bad input."""
 
 from protocol.messages import (
+    ChunkHeader,
+    FetchChunk,
     FINISH_REASONS,
     Control,
     ProtocolError,
@@ -15,6 +17,8 @@ from protocol.messages import (
 )
 
 __all__ = [
+    "ChunkHeader",
+    "FetchChunk",
     "FINISH_REASONS",
     "Control",
     "ProtocolError",

@@ -128,7 +128,25 @@ class Control(msgspec.Struct, kw_only=True, frozen=True):
     stop: bool = False  # learner finished: actors drain and exit
 
 
-_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control)
+# Actor -> learner weight file server (ZMQ DEALER -> ROUTER), for actors without the learner's filesystem.
+class FetchChunk(msgspec.Struct, kw_only=True, frozen=True):
+    """Ask for ``size`` bytes at ``offset`` of model.safetensors of ``version``."""
+
+    version: int
+    offset: int
+    size: int
+
+
+# Learner file server -> actor: reply frames are [encode(ChunkHeader), raw bytes of the chunk].
+class ChunkHeader(msgspec.Struct, kw_only=True, frozen=True):
+    version: int
+    offset: int
+    total: int  # file size in bytes
+    sha256: str  # digest of the whole file, to verify after the last chunk
+    error: str = ""  # non-empty: the request was refused (e.g. version no longer kept); no data frame content
+
+
+_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control, FetchChunk, ChunkHeader)
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(t) for t in _MESSAGE_TYPES}
 
