@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make run`: the main job end to end on one machine. Builds (once, cached) the tiny warm-started model,
+# then `honcho start` runs redis + learner + actor(s) from the Procfile until the learner finishes.
+#   DCRL_CONFIG=tiny (default) | path/to/config.toml     DCRL_ACTORS=1 (actor processes)
+#   DCRL_RESUME=1 keeps runs/<name> and resumes from its last checkpoint instead of starting afresh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+export DCRL_CONFIG=${DCRL_CONFIG:-tiny}
+ACTORS=${DCRL_ACTORS:-1}
+
+if [ ! -f .env ]; then
+  # A per-checkout Redis password: the Procfile's redis-server requires it, every process reads it.
+  printf 'DCRL_REDIS_PASSWORD=%s\n' "$(python -c 'import secrets; print(secrets.token_hex(16))')" > .env
+fi
+run_dir=$(python -c "from configs import load_config; print(load_config('$DCRL_CONFIG').run.dir)")
+redis_dir=$(python -c "from configs import load_config; print(load_config('$DCRL_CONFIG').redis.data_dir)")
+if [ "${DCRL_RESUME:-0}" != 1 ]; then
+  rm -rf "$run_dir" "$redis_dir"
+fi
+
+python -m learner.tiny --config "$DCRL_CONFIG"
+echo "[run] honcho start -c actor=$ACTORS  (config $DCRL_CONFIG; logs below; Ctrl-C stops everything)"
+set +e
+honcho start -f Procfile -e .env -c "actor=$ACTORS"
+rc=$?
+set -e
+if [ -f "$run_dir/metrics.jsonl" ]; then
+  python -m learner report --run-dir "$run_dir" >/dev/null 2>&1 || true
+  echo "[run] metrics: $run_dir/metrics.jsonl"
+  echo "[run] report:  $run_dir/report.png"
+fi
+exit $rc
