@@ -1,0 +1,59 @@
+"""Writing published weights: one ``model.safetensors`` per version, atomic, with its sha256.
+
+Called by the learner's weight publisher for every version and by ``learner.tiny`` for version 0;
+actors verify the digest before ``reload_weights``.
+
+Tied embeddings: the file always holds ``lm_head.weight`` explicitly (a copy of the input embedding).
+Measured on vLLM CPU: a reload from a file without it keeps the OLD output head (vLLM repacks the
+head after loading and the tie is not re-applied by ``reload_weights``), so the actors silently serve
+a model the learner never had. A fresh load ignores the extra tensor, so writing it is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+WEIGHTS_FILE = "model.safetensors"
+_HASH_BLOCK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_state_dict(model) -> dict:
+    """The tensors to publish: contiguous CPU copies, ``lm_head.weight`` always present and unshared.
+
+    safetensors refuses tensors that share storage, so the tied head is a separate copy.
+    """
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # A copy even when untied: cheap next to the write, and never aliases the embedding.
+    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone().contiguous()
+    return state
+
+
+def write_weights(model, out_dir: str | os.PathLike) -> str:
+    """Write ``out_dir/model.safetensors`` atomically and return its sha256 hex digest.
+
+    The file is written to a temporary name in the same directory, fsynced, then renamed over the
+    final name, so a reader sees either the previous complete file or the new complete one.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / WEIGHTS_FILE
+    tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    save_file(export_state_dict(model), str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, final)
+    return digest
