@@ -48,17 +48,32 @@ class RedisConfig(_Strict):
     prefix: str = Field("dcrl", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     """Key prefix: streams ``<prefix>:traj`` / ``<prefix>:dead``, hash ``<prefix>:control``."""
     consumer_group: str = "learners"
+    """Consumer group of the learners on ``<prefix>:traj`` (created idempotently by the reader)."""
     pending_timeout_s: float = Field(60.0, gt=0)
     """Entries pending longer than this on a consumer are reclaimed by another one (XAUTOCLAIM)."""
     read_block_ms: int = Field(500, ge=1)
+    """Longest wait of one ``GroupReader.receive`` call for new entries (XREADGROUP BLOCK)."""
     max_held_groups: int = Field(1024, ge=1)
     """Actor side: finished groups held in memory while Redis is unreachable."""
     retry_backoff_s: float = Field(0.2, gt=0)
+    """First wait before retrying a lost Redis connection; doubles per attempt."""
     retry_backoff_max_s: float = Field(5.0, gt=0)
+    """Cap of the doubling retry wait."""
     connect_timeout_s: float = Field(30.0, gt=0)
     """Give up (with a clear error) if Redis cannot be reached for this long at start."""
     data_dir: str = "runs/redis"
     """Where the Procfile's redis-server keeps its append-only file."""
+    max_outage_s: float = Field(300.0, gt=0)
+    """Reader and control plane: give up (ConnectionError) after Redis has been unreachable this long
+    during a run. The actors' writer never gives up: it holds groups and keeps retrying."""
+    dead_maxlen: int = Field(10000, ge=1)
+    """Approximate cap on the dead-letter stream ``<prefix>:dead`` (oldest dropped); the count is exact."""
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "RedisConfig":
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            raise ValueError(f"retry_backoff_s ({self.retry_backoff_s}) must be <= retry_backoff_max_s ({self.retry_backoff_max_s})")
+        return self
 
 
 class TinyModelConfig(_Strict):
@@ -76,6 +91,15 @@ class TinyModelConfig(_Strict):
     warmstart_batch: int = Field(64, ge=1)
     warmstart_max_acc: float = Field(0.45, gt=0, le=1)
     """Stop the supervised warm start once greedy accuracy on held-out prompts reaches this."""
+    warmstart_eval_every: int = Field(10, ge=1)
+    """Warm-start steps between two held-out accuracy checks (one check costs about 3 training steps)."""
+    warmstart_eval_episodes: int = Field(200, ge=10)
+    """Held-out arithmetic problems (seeds disjoint from training) in each accuracy check."""
+    warmstart_guess_fraction: float = Field(0.25, ge=0, le=4)
+    """Binary-search guess_number dialogues per warm-start step, as a fraction of warmstart_batch."""
+    warmstart_threads: int = Field(1, ge=1)
+    """torch threads during the build. 1 by default: measured on a shared 2-core machine, 2 OpenMP
+    threads competing with other processes made each step ~10x slower than 1 thread."""
 
 
 class ModelConfig(_Strict):
@@ -142,6 +166,17 @@ class LearnerConfig(_Strict):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "dcrl"
     progress: bool = True
+    consumer: str = Field("learner-0", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Redis consumer name; stable across restarts so a restarted learner re-reads its own pending entries."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept under ``<run_dir>/checkpoints`` (the newest ones)."""
+    wait_timeout_s: float = Field(600.0, gt=0)
+    """Fail with a clear error if a step's batch is not complete after this long (actors dead?)."""
+    torch_threads: int = Field(0, ge=0)
+    """torch intra-op threads of the learner (0: torch's default)."""
+    crash_after_step: int | None = Field(None, ge=1)
+    """Tests only: SIGKILL the learner right after this step's optimizer step, weight publish and control
+    write, before its checkpoint (exercises resume and the exactly-once bookkeeping)."""
 
 
 class ControllerConfig(_Strict):
@@ -164,6 +199,9 @@ class ControllerConfig(_Strict):
     ki: float = Field(0.2, ge=0)
     kd: float = Field(0.1, ge=0)
     ema_alpha: float = Field(0.5, gt=0, le=1)
+    """PID only: weight of the newest error in the EMA that feeds the proportional term."""
+    fit_alpha: float = Field(0.3, gt=0, le=1)
+    """Weight of the newest batch in the running engine-floor and lag-slope estimates behind K(lambda)."""
     beta_max: float = Field(5.0, gt=1)
     beta_min: float = Field(1.5, gt=1)
     k_max: int = Field(4, ge=0)
@@ -184,6 +222,8 @@ class ControllerConfig(_Strict):
             raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
         if self.icepop_low >= self.icepop_high:
             raise ValueError("icepop_low must be < icepop_high")
+        if self.mis_low >= self.mis_high:
+            raise ValueError("mis_low must be < mis_high")
         return self
 
 

@@ -52,6 +52,7 @@ def write_weights(model, out_dir: str | os.PathLike) -> str:
     final = out / WEIGHTS_FILE
     tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
     save_file(export_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # readable by actors running as other users on a shared filesystem
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     digest = sha256_file(tmp)

@@ -1,0 +1,103 @@
+"""``python -m buffer``: inspect the replay queue, or run the Procfile's redis-server.
+
+    python -m buffer stats --config tiny [--json] [-n 5]   stream, pending per consumer, counters, control, dead letters
+    python -m buffer dead  --config tiny [-n 20]           the last dead-letter reasons
+    python -m buffer serve --config tiny                   exec redis-server on 127.0.0.1:<port of redis.url>
+
+``--config``/``--set`` are accepted before or after the command. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.parse
+from pathlib import Path
+
+from configs.schema import RedisConfig, add_config_args, config_from_args
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def serve_command(cfg: RedisConfig) -> list[str]:
+    """redis-server command line for ``cfg``: bound to 127.0.0.1 on the port of ``redis.url``, password from
+    ``redis.password`` (or the URL), append-only persistence in ``redis.data_dir``. Refuses a non-loopback URL."""
+    from buffer.server import redis_server_args
+
+    u = urllib.parse.urlsplit(cfg.url)
+    if u.scheme != "redis":
+        raise ValueError(f"redis.url {cfg.url!r}: serve runs a plain redis:// server")
+    if u.hostname not in LOOPBACK_HOSTS:
+        raise ValueError(f"redis.url host {u.hostname!r}: serve binds 127.0.0.1 only; point redis.url at "
+                         "127.0.0.1, or run the server yourself where the config says")
+    password = cfg.password or (urllib.parse.unquote(u.password) if u.password else None)
+    return redis_server_args(u.port or 6379, Path(cfg.data_dir).resolve(), password)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m buffer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{stats,dead,serve}")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        # Same flags after the command; merged with those before it in main().
+        sp.add_argument("--config", "-c", dest="sub_config", default=None, metavar="CONFIG", help="TOML config or preset name")
+        sp.add_argument("--set", dest="sub_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field (repeatable)")
+        return sp
+
+    st = command("stats", "stream length, pending per consumer, counters, current version and K, dead letters")
+    st.add_argument("-n", type=int, default=5, help="dead-letter reasons to show (default 5)")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    dead = command("dead", "list the newest dead-letter entries and their reasons")
+    dead.add_argument("-n", type=int, default=20, help="entries to list (default 20)")
+    command("serve", "exec redis-server on 127.0.0.1 (port from redis.url, AOF in redis.data_dir)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.config = args.sub_config or args.config
+    args.overrides = list(args.overrides) + list(args.sub_overrides)
+    cfg = config_from_args(args).redis
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    if args.command == "serve":
+        try:
+            cmd = serve_command(cfg)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        print(f"[buffer] exec redis-server on 127.0.0.1:{cmd[cmd.index('--port') + 1]}, "
+              f"append-only file in {Path(cfg.data_dir).resolve()}", file=sys.stderr, flush=True)
+        os.execv(cmd[0], cmd)
+
+    from buffer.connection import connect
+    from buffer.stats import collect_stats, dead_letters, format_stats
+
+    client = connect(cfg, "buffer cli")
+    try:
+        if args.command == "stats":
+            st = collect_stats(client, cfg, n_dead=args.n)
+            if args.json:
+                print(json.dumps(st, default=lambda o: {f: getattr(o, f) for f in o.__struct_fields__}))
+            else:
+                print(format_stats(st))
+        elif args.command == "dead":
+            rows = dead_letters(client, cfg, args.n)
+            print(f"{len(rows)} newest dead letters in {cfg.prefix}:dead (newest first)")
+            for d in rows:
+                print(f"{d['id']}  source {d['source_id']}  {d['bytes']} bytes  {d['reason']}")
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Redis connections that ride out outages: AUTH from the config, exponential backoff, one log line per outage.
+
+Every buffer component opens its client with :func:`connect` and runs each Redis call through a
+:class:`Retrier`. Two kinds of failure are told apart:
+
+- an outage (connection refused or dropped, socket timeout, server still loading its append-only file):
+  retried with waits ``retry_backoff_s, 2x, 4x, ... <= retry_backoff_max_s``; the first failure logs one
+  warning line, the first success after it one info line;
+- a wrong or missing password: never retried; a RuntimeError that names ``redis.password`` and
+  ``DCRL_REDIS_PASSWORD``.
+
+Anything else (a Lua error, OOM, a wrong type) propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseError
+from redis.retry import Retry
+
+from configs.schema import RedisConfig
+
+log = logging.getLogger("dcrl.buffer")
+
+T = TypeVar("T")
+
+# A blocking XREADGROUP must return before the socket times out; receive() clamps its wait below this.
+SOCKET_TIMEOUT_S = 30.0
+
+# redis.exceptions.ConnectionError covers refused/dropped sockets and BusyLoadingError (AOF replay);
+# TimeoutError is a socket timeout. AuthenticationError subclasses ConnectionError: checked first.
+OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Wait before retry number ``attempt`` (0-based): ``min(max_s, base_s * 2**attempt)``."""
+    return min(max_s, base_s * 2.0 ** min(attempt, 62))
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """True for a refused password: AUTH failed, or the server demands one the client did not send."""
+    if isinstance(exc, AuthenticationError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "invalid password"))
+
+
+def auth_error(cfg: RedisConfig, exc: BaseException) -> RuntimeError:
+    """The one error a bad password gives, naming the setting to fix."""
+    given = "no password was given" if not cfg.password else "the given password was refused"
+    return RuntimeError(
+        f"Redis at {redact_url(cfg.url)} refused authentication ({given}: {exc}). "
+        "Set redis.password in the config or DCRL_REDIS_PASSWORD in the environment "
+        "to the server's requirepass."
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password it may embed (for log lines)."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("redis", url)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+class Retrier:
+    """Runs Redis calls through outages for one component (``who`` names it in the log lines).
+
+    ``give_up_s``: raise ConnectionError once an outage has lasted this long (None: retry forever).
+    ``stop``: an Event that aborts the waiting (the writer's close()); the call then raises ConnectionError.
+    The outage state is per instance, so concurrent calls during one outage log it once.
+    """
+
+    def __init__(self, cfg: RedisConfig, who: str, give_up_s: float | None,
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.who = who
+        self.give_up_s = give_up_s
+        self.stop = stop
+        self._down_since: float | None = None
+        self.outages = 0  # outages seen (for tests and stats)
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        attempt = 0
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+            except redis.exceptions.RedisError as exc:  # anything not auth or an outage re-raises unchanged
+                if is_auth_error(exc):
+                    raise auth_error(self.cfg, exc) from None
+                if not isinstance(exc, OUTAGE_ERRORS):
+                    raise
+                self._wait_out(exc, attempt)
+                attempt += 1
+                continue
+            if self._down_since is not None:
+                log.info("%s: redis at %s reachable again after %.1f s", self.who, redact_url(self.cfg.url),
+                         time.monotonic() - self._down_since)
+                self._down_since = None
+            return out
+
+    def _wait_out(self, exc: BaseException, attempt: int) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self.outages += 1
+            what = "loading its data" if isinstance(exc, BusyLoadingError) else "unreachable"
+            limit = "forever" if self.give_up_s is None else f"for up to {self.give_up_s:g} s"
+            log.warning("%s: redis at %s %s (%s); retrying every %g..%g s %s", self.who,
+                        redact_url(self.cfg.url), what, exc, self.cfg.retry_backoff_s,
+                        self.cfg.retry_backoff_max_s, limit)
+        down_for = now - self._down_since
+        if self.give_up_s is not None and down_for > self.give_up_s:
+            raise redis.exceptions.ConnectionError(
+                f"{self.who}: redis at {redact_url(self.cfg.url)} unreachable for {down_for:.0f} s "
+                f"(limit {self.give_up_s:g} s): {exc}") from exc
+        delay = backoff_delay(attempt, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
+        if self.stop is not None:
+            if self.stop.wait(delay):
+                raise redis.exceptions.ConnectionError(f"{self.who}: closed during a redis outage") from exc
+        else:
+            time.sleep(delay)
+
+
+def make_client(cfg: RedisConfig) -> redis.Redis:
+    """A client for ``cfg.url`` (no I/O yet). Binary responses: stream payloads are raw msgpack bytes.
+
+    redis-py retries a failed command once at once: that transparently replaces a pooled socket the
+    server closed (e.g. after a restart); real outages are handled by :class:`Retrier`.
+    """
+    kwargs = {}
+    if cfg.password:
+        kwargs["password"] = cfg.password
+    return redis.Redis.from_url(
+        cfg.url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=min(5.0, cfg.connect_timeout_s),
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+        **kwargs,
+    )
+
+
+def connect(cfg: RedisConfig, who: str = "buffer") -> redis.Redis:
+    """Open a client and PING until Redis answers.
+
+    Retries with backoff for up to ``cfg.connect_timeout_s`` (then ConnectionError naming the URL);
+    a refused password raises RuntimeError at once. Called by GroupWriter/GroupReader/ControlPlane
+    constructors and the ``python -m buffer`` commands.
+    """
+    client = make_client(cfg)
+    Retrier(cfg, f"{who} connect", give_up_s=cfg.connect_timeout_s).call(client.ping)
+    return client

@@ -1,0 +1,207 @@
+"""Learner side of the replay queue: a consumer in the group ``redis.consumer_group`` on ``<prefix>:traj``.
+
+The learner loop drives it as::
+
+    reader = GroupReader(cfg.redis, consumer="learner-0", vocab_size=vocab)
+    while step < steps:
+        entries = reader.receive(batch_groups - len(batch), current_version=version)
+        ...train on [e.group for e in entries] ...; save checkpoint
+        reader.ack([e.id for e in entries])    # only now XACK + XDEL: a crash before re-delivers them
+
+Delivery is at least once. ``receive`` returns, in this order:
+
+1. this consumer's own pending entries (read once, from id 0): a learner restarted under the same
+   consumer name gets back everything it had received and not acked;
+2. entries claimed with XAUTOCLAIM that another consumer has left pending longer than
+   ``redis.pending_timeout_s`` (a dead learner), so that value must exceed the longest time a live
+   learner holds entries before acking them;
+3. new entries (XREADGROUP ``>``), waiting up to ``block_ms`` only when 1 and 2 gave nothing.
+
+Every entry is validated with ``protocol.decode_group`` (vocab size, current version). An invalid one
+is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
+returned; a valid one is never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+
+from configs.schema import RedisConfig
+from protocol import ProtocolError, TrajectoryGroup, decode_group
+
+from buffer.admission import ACK_LUA, DEAD_LETTER_LUA
+from buffer.connection import SOCKET_TIMEOUT_S, Retrier, connect
+from buffer.keys import Keys
+
+log = logging.getLogger("dcrl.buffer")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One valid stream entry: ``id`` is what the learner acks once it is done with ``group``."""
+
+    id: str
+    group: TrajectoryGroup
+
+
+def clamp_block_ms(block_ms: int | None, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> int | None:
+    """Blocking wait for XREADGROUP: ``block_ms`` capped at ``socket_timeout_s - 5 s`` (a longer BLOCK would
+    hit the client's socket timeout and look like an outage); None or <= 0 means do not block."""
+    if block_ms is None or block_ms <= 0:
+        return None
+    return min(int(block_ms), int((socket_timeout_s - 5.0) * 1000))
+
+
+class GroupReader:
+    """Consumer ``consumer`` of the learners' group; see the module docstring for the loop that drives it."""
+
+    def __init__(self, cfg: RedisConfig, consumer: str, vocab_size: int | None = None):
+        self.cfg = cfg
+        self.consumer = consumer
+        self.vocab_size = vocab_size
+        self.keys = Keys(cfg.prefix)
+        self.client = connect(cfg, f"reader {consumer}")
+        self._retry = Retrier(cfg, f"reader {consumer}", give_up_s=cfg.max_outage_s)
+        self._ack = self.client.register_script(ACK_LUA)
+        self._dead_letter = self.client.register_script(DEAD_LETTER_LUA)
+        self._held: set[str] = set()  # ids returned by receive() and not acked yet
+        self._own_cursor: str | None = "0"  # id after which to read our own pending entries; None once done
+        self._claim_cursor = "0-0"  # XAUTOCLAIM scan position
+        self.dead = 0  # entries this reader dead-lettered
+        self._retry.call(self._ensure_group)
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def receive(self, max_groups: int, block_ms: int | None = None,
+                current_version: int | None = None) -> list[Entry]:
+        """Up to ``max_groups`` valid entries (own pending, then reclaimed, then new); may return fewer or none
+        after waiting ``block_ms`` (default ``redis.read_block_ms``) for new ones."""
+        if max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1 (got {max_groups})")
+        block = clamp_block_ms(self.cfg.read_block_ms if block_ms is None else block_ms)
+        out: list[Entry] = []
+        while self._own_cursor is not None and len(out) < max_groups:
+            out += self._valid(self._retry.call(self._read_own_pending, max_groups - len(out)), current_version)
+        if len(out) < max_groups:
+            out += self._valid(self._retry.call(self._reclaim, max_groups - len(out)), current_version)
+        while len(out) < max_groups:
+            raw = self._retry.call(self._read_new, max_groups - len(out), None if out else block)
+            if not raw:
+                break
+            out += self._valid(raw, current_version)
+            block = None  # wait at most once per call
+        return out
+
+    def ack(self, ids: list[str]) -> int:
+        """XACK + XDEL ``ids`` and add them to the consumed counter (entries acked earlier count once).
+        Call after the step (or checkpoint) that used them. Returns how many were newly acked."""
+        if not ids:
+            return 0
+        acked = self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed],
+                                 args=[self.cfg.consumer_group, *ids])
+        self._held.difference_update(ids)
+        return int(acked)
+
+    @property
+    def held(self) -> int:
+        """Entries returned by receive() and not acked yet."""
+        return len(self._held)
+
+    def close(self) -> None:
+        """Close the connection. Unacked entries stay pending under this consumer name (re-read on restart,
+        or reclaimed by another consumer after ``redis.pending_timeout_s``)."""
+        self.client.close()
+
+    # -- Redis reads ---------------------------------------------------------------------------------
+
+    def _ensure_group(self) -> None:
+        """Create the consumer group at the start of the stream (MKSTREAM); an existing group is kept."""
+        try:
+            self.client.xgroup_create(self.keys.traj, self.cfg.consumer_group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _xreadgroup(self, start: str, count: int, block: int | None) -> list:
+        """XREADGROUP that recreates the group if it vanished (stream deleted by a reset, or a Redis that
+        lost its data), then reads once more."""
+        args = dict(groupname=self.cfg.consumer_group, consumername=self.consumer,
+                    streams={self.keys.traj: start}, count=count, block=block)
+        try:
+            reply = self.client.xreadgroup(**args)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("reader %s: consumer group %s on %s is gone; recreating it", self.consumer,
+                        self.cfg.consumer_group, self.keys.traj)
+            self._ensure_group()
+            reply = self.client.xreadgroup(**args)
+        return reply[0][1] if reply else []
+
+    def _read_own_pending(self, count: int) -> list:
+        """Next page of this consumer's pending entries; marks the history done when a page comes back empty."""
+        page = self._xreadgroup(self._own_cursor, count, None)
+        if not page:
+            self._own_cursor = None
+            return []
+        self._own_cursor = page[-1][0].decode()
+        return page
+
+    def _reclaim(self, count: int) -> list:
+        """One XAUTOCLAIM step: entries idle longer than ``pending_timeout_s`` under any consumer become ours.
+        Our own unacked entries may come back (their idle time grows while the learner trains); skip them."""
+        try:
+            cursor, claimed, *_deleted = self.client.xautoclaim(
+                self.keys.traj, self.cfg.consumer_group, self.consumer,
+                min_idle_time=int(self.cfg.pending_timeout_s * 1000), start_id=self._claim_cursor, count=count)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._ensure_group()
+            return []
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        fresh = [e for e in claimed if e[0].decode() not in self._held]
+        if fresh:
+            log.info("reader %s: reclaimed %d entries left pending by another consumer", self.consumer, len(fresh))
+        return fresh
+
+    def _read_new(self, count: int, block: int | None) -> list:
+        return self._xreadgroup(">", count, block)
+
+    # -- validation ----------------------------------------------------------------------------------
+
+    def _valid(self, raw: list, current_version: int | None) -> list[Entry]:
+        """Decode and validate raw (id, fields) pairs; dead-letter the invalid ones, return the rest."""
+        out = []
+        for rid, fields in raw:
+            sid = rid.decode()
+            if not fields:
+                # Still pending but deleted from the stream (by hand, or trimmed): nothing to deliver;
+                # clear it from our pending list so it is not read again.
+                self._retry.call(self.client.xack, self.keys.traj, self.cfg.consumer_group, sid)
+                continue
+            data = fields.get(b"data")
+            if data is None:
+                names = ", ".join(sorted(k.decode(errors="replace") for k in fields))
+                self._send_to_dead(sid, f"entry has no 'data' field (fields: {names})", b"")
+                continue
+            try:
+                group = decode_group(data, vocab_size=self.vocab_size, current_version=current_version)
+            except ProtocolError as exc:
+                self._send_to_dead(sid, str(exc), data)
+                continue
+            self._held.add(sid)
+            out.append(Entry(sid, group))
+        return out
+
+    def _send_to_dead(self, sid: str, reason: str, data: bytes) -> None:
+        moved = self._retry.call(
+            self._dead_letter,
+            keys=[self.keys.traj, self.keys.dead, self.keys.dead_count, self.keys.produced],
+            args=[self.cfg.consumer_group, sid, reason, data, self.cfg.dead_maxlen])
+        if moved:
+            self.dead += 1
+            log.warning("reader %s: entry %s moved to %s: %s", self.consumer, sid, self.keys.dead, reason)

@@ -1,0 +1,237 @@
+"""Learner observability: ``metrics.jsonl``, wandb, a progress bar and ``report.png``.
+
+The training loop owns one :class:`MetricsLogger`::
+
+    logger = MetricsLogger(run_dir, cfg.learner, run_name=..., config=cfg.model_dump(), total_steps=N)
+    for each step:
+        logger.log(row)            # one JSON line, one wandb point, one progress-bar tick
+        ... checkpoint stores logger.offset() (bytes of metrics.jsonl that belong to it)
+    logger.close()
+    write_report(run_dir)          # report.png from metrics.jsonl
+
+A resumed run first calls :func:`truncate_metrics` with the checkpoint's offset, so the lines of steps
+that are redone after a crash are not duplicated, then appends.
+
+This module imports no torch; matplotlib, tqdm and wandb are imported only when used, and
+``wandb_mode = "disabled"`` never imports wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.png"
+
+# Keys every step row carries (a test checks them; the report plots most of them).
+REQUIRED_KEYS = (
+    "step", "version",
+    "reward/mean", "reward/std",
+    "discrepancy/total", "discrepancy/engine", "discrepancy/lag_slope", "discrepancy/max_token",
+    "discrepancy/ess",
+    "dcmdp/lambda", "dcmdp/beta", "dcmdp/delta",
+    "staleness/max_allowed", "staleness/mean", "staleness/max",
+    "is/masked_frac", "loss", "grad_norm",
+    "time/wait_for_data_s", "time/step_s", "throughput/tokens_per_s",
+)
+
+
+def json_safe(value: Any) -> Any:
+    """Strict-JSON value: non-finite floats become None (json.dumps would write the invalid ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def truncate_metrics(path: str | os.PathLike, offset: int) -> None:
+    """Cut ``metrics.jsonl`` back to ``offset`` bytes: drop lines of steps a resumed run will redo.
+
+    A file shorter than ``offset`` is left alone (its lines up to the checkpoint were fsynced, so this
+    only happens when the file was deleted by hand).
+    """
+    p = Path(path)
+    if p.exists() and p.stat().st_size > offset:
+        with open(p, "r+b") as f:
+            f.truncate(offset)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All rows of a ``metrics.jsonl``; a torn last line (the process died mid-write) is ignored."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def progress_postfix(row: dict) -> dict[str, str]:
+    """The short status the progress bar shows: reward, discrepancy D, lambda and staleness cap K."""
+    def fmt(key: str, spec: str) -> str:
+        v = row.get(key)
+        return "-" if v is None else format(int(v) if spec == "d" else v, spec)
+
+    return {
+        "reward": fmt("reward/mean", ".3f"),
+        "D": fmt("discrepancy/total", ".4f"),
+        "lam": fmt("dcmdp/lambda", ".3f"),
+        "K": fmt("staleness/max_allowed", "d"),
+    }
+
+
+class MetricsLogger:
+    """One JSON line per learner step to ``<run_dir>/metrics.jsonl`` (appending), plus wandb and tqdm.
+
+    Created by ``learner.trainer.Learner`` after the checkpoint (if any) is loaded; ``start_step`` is the
+    step the progress bar starts from.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, wandb_mode: str = "disabled", wandb_project: str = "dcrl",
+                 run_name: str = "run", config: dict | None = None, progress: bool = False,
+                 total_steps: int = 0, start_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+        self._wandb_run = None
+        if wandb_mode != "disabled":
+            self._wandb_run = _init_wandb(self.run_dir, wandb_mode, wandb_project, run_name, config or {})
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="learner", unit="step", dynamic_ncols=True)
+
+    def log(self, row: dict) -> None:
+        """Append ``row`` (must hold ``step``) as one JSON line; mirror it to wandb and the progress bar."""
+        row = json_safe(row)
+        self._file.write(json.dumps(row, sort_keys=False) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row["step"]))
+        if self._bar is not None:
+            self._bar.set_postfix(progress_postfix(row), refresh=False)
+            self._bar.update(1)
+
+    def offset(self) -> int:
+        """Bytes of ``metrics.jsonl`` written so far, made durable: what a checkpoint records."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        if not self._file.closed:
+            self._file.close()
+
+
+def _init_wandb(run_dir: Path, mode: str, project: str, name: str, config: dict):
+    """A wandb run writing under ``<run_dir>/wandb``; a resumed learner continues the same run id."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id)
+    (run_dir / "wandb").mkdir(exist_ok=True)
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
+                      dir=str(run_dir), config=config)
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows where ``key`` has a number."""
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
+    """Write the run's summary figure: reward, discrepancy (engine floor vs lag part), lambda,
+    staleness (cap K and measured lag) and the masked-token fraction, each over learner steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(5, 1, figsize=(8, 13), sharex=True)
+    ax = axes[0]
+    xs, mean = _series(rows, "reward/mean")
+    _, std = _series(rows, "reward/std")
+    ax.plot(xs, mean, label="reward mean")
+    if len(std) == len(mean):
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.set_ylabel("reward")
+
+    ax = axes[1]
+    xs, total = _series(rows, "discrepancy/total")
+    ax.plot(xs, total, label="D total")
+    xe, engine = _series(rows, "discrepancy/engine")
+    ax.plot(xe, engine, label="D engine (lag 0)")
+    if xe == xs:
+        # What the engine floor does not explain is attributed to policy lag.
+        ax.plot(xs, [max(t - e, 0.0) for t, e in zip(total, engine)], label="D lag part")
+    xd, delta = _series(rows, "dcmdp/delta")
+    ax.plot(xd, delta, "k--", label="delta (tolerance)")
+    ax.set_ylabel("discrepancy")
+
+    ax = axes[2]
+    ax.plot(*_series(rows, "dcmdp/lambda"), label="lambda")
+    ax.set_ylabel("lambda")
+
+    ax = axes[3]
+    ax.step(*_series(rows, "staleness/max_allowed"), where="post", label="K (cap)")
+    ax.plot(*_series(rows, "staleness/mean"), label="lag mean")
+    ax.plot(*_series(rows, "staleness/max"), ".", label="lag max")
+    ax.set_ylabel("staleness (versions)")
+
+    ax = axes[4]
+    ax.plot(*_series(rows, "is/masked_frac"), label="masked fraction")
+    ax.set_ylabel("IS masked")
+    ax.set_xlabel("learner step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Regenerate ``<run_dir>/report.png`` from ``<run_dir>/metrics.jsonl`` (``python -m learner report``)."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / METRICS_FILE)
+    if not rows:
+        raise FileNotFoundError(f"no metrics rows in {run_dir / METRICS_FILE}")
+    return plot_report(rows, run_dir / REPORT_FILE)

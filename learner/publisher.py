@@ -1,0 +1,297 @@
+"""Weight publishing: versioned weight directories, a ZMQ announcement, and a ZMQ file server.
+
+The learner drives it::
+
+    pub = WeightPublisher(cfg.learner, run_dir, model_dir)     # binds PUB + starts the file server
+    w = pub.publish(model, version)                            # dir v{version:06d}, announce, return
+    control_plane.set_weights(w)                               # late joiners read it from Redis
+    ...
+    pub.close()
+
+- ``<run_dir>/weights/v{version:06d}/`` is a complete HF directory (``model.safetensors`` via
+  ``learner.weights_io.write_weights``, plus config.json, generation_config.json and tokenizer files copied
+  from the model directory). It is built under a temp name and renamed, so an actor never sees a half
+  written version; the newest ``keep_versions`` are kept.
+- PUB socket at ``cfg.zmq_pub``: one frame, ``encode(WeightsReady)``.
+- ROUTER socket at ``cfg.zmq_files`` (its own thread, which alone touches that socket): a DEALER sends
+  ``encode(FetchChunk)`` and receives ``[encode(ChunkHeader), bytes]``; unknown or pruned versions and
+  malformed requests get a header with ``error`` set and an empty data frame. :func:`fetch_weights` is the
+  client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from learner.weights_io import WEIGHTS_FILE, sha256_file, write_weights
+from protocol.messages import ChunkHeader, FetchChunk, ProtocolError, WeightsReady, decode, encode
+
+log = logging.getLogger("dcrl.publisher")
+
+WEIGHTS_DIR = "weights"
+MAX_CHUNK_BYTES = 16 << 20
+"""Largest chunk the file server sends in one reply (bounds its memory per request)."""
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+# Files of a model directory that are weights (never copied: the published file replaces them).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def weights_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / WEIGHTS_DIR
+
+
+def version_dir(run_dir: str | os.PathLike, version: int) -> Path:
+    """``<run_dir>/weights/v{version:06d}``: where version ``version`` is published."""
+    return weights_root(run_dir) / f"v{version:06d}"
+
+
+def kept_versions(run_dir: str | os.PathLike) -> list[int]:
+    """Published versions present on disk, ascending."""
+    root = weights_root(run_dir)
+    if not root.exists():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir())
+
+
+def companion_files(model_dir: str | os.PathLike) -> list[Path]:
+    """Files of the model directory to copy beside each published weight file: config, generation
+    config, tokenizer files (everything that is a regular file and not weights or a weight index)."""
+    out = []
+    for p in sorted(Path(model_dir).iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
+            continue
+        out.append(p)
+    return out
+
+
+def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir: str | os.PathLike) -> tuple[Path, str]:
+    """Write version ``version`` as a loadable HF directory, atomically; return (dir, sha256).
+
+    Built in ``weights/.tmp-vXXXXXX-<pid>`` then renamed. Re-publishing an existing version (a restarted
+    learner whose Redis version ran ahead of its checkpoint) swaps the old directory out first.
+    """
+    final = version_dir(run_dir, version)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    sha = write_weights(model, tmp)
+    for f in companion_files(model_dir):
+        shutil.copy2(f, tmp / f.name)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    return final, sha
+
+
+def prune_versions(run_dir: str | os.PathLike, keep: int, current: int) -> list[int]:
+    """Delete all published versions but the newest ``keep`` (never ``current``); return those deleted."""
+    versions = kept_versions(run_dir)
+    doomed = [v for v in versions[:-keep] if v != current]
+    for v in doomed:
+        shutil.rmtree(version_dir(run_dir, v), ignore_errors=True)  # a concurrent prune is harmless
+    return doomed
+
+
+class WeightFileServer:
+    """ZMQ ROUTER thread serving chunks of ``weights/vXXXXXX/model.safetensors`` for any kept version.
+
+    The socket is created, used and closed inside the thread (ZMQ sockets are not thread-safe);
+    :meth:`close` stops it. Digests are cached per (version, inode, mtime) so a re-published version
+    is re-hashed.
+    """
+
+    def __init__(self, endpoint: str, run_dir: str | os.PathLike, poll_ms: int = 100):
+        self.endpoint = endpoint
+        self.run_dir = Path(run_dir)
+        self._poll_ms = poll_ms
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._sha: dict[tuple[int, int, int], str] = {}
+        self._thread = threading.Thread(target=self._run, name="dcrl-weight-files", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise RuntimeError(f"weight file server could not bind {endpoint}: {self._error}") from self._error
+
+    def remember(self, version: int, sha256: str) -> None:
+        """Seed the digest cache (the publisher just computed it while writing)."""
+        st = (version_dir(self.run_dir, version) / WEIGHTS_FILE).stat()
+        with self._lock:
+            self._sha[(version, st.st_ino, st.st_mtime_ns)] = sha256
+
+    def _digest(self, version: int, path: Path, st: os.stat_result) -> str:
+        key = (version, st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            sha = self._sha.get(key)
+        if sha is None:
+            sha = sha256_file(path)
+            with self._lock:
+                self._sha[key] = sha
+        return sha
+
+    def serve_chunk(self, req: FetchChunk) -> tuple[ChunkHeader, bytes]:
+        """The reply to one request (pure apart from reading the file)."""
+        if req.offset < 0 or req.size <= 0:
+            return ChunkHeader(version=req.version, offset=req.offset, total=0, sha256="",
+                               error=f"bad request: offset {req.offset}, size {req.size}"), b""
+        path = version_dir(self.run_dir, req.version) / WEIGHTS_FILE
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                f.seek(req.offset)
+                data = f.read(min(req.size, MAX_CHUNK_BYTES))
+        except FileNotFoundError:
+            kept = kept_versions(self.run_dir)
+            return ChunkHeader(version=req.version, offset=req.offset, total=0, sha256="",
+                               error=f"version {req.version} is not kept (kept: {kept})"), b""
+        sha = self._digest(req.version, path, st)
+        return ChunkHeader(version=req.version, offset=req.offset, total=st.st_size, sha256=sha), data
+
+    def _run(self) -> None:
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            self._error = e
+            sock.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(self._poll_ms):
+                    continue
+                frames = sock.recv_multipart()
+                # [identity, (empty delimiter,) payload]: reply on the same envelope.
+                envelope, payload = frames[:-1], frames[-1]
+                try:
+                    req = decode(payload, FetchChunk)
+                except ProtocolError as e:
+                    header, data = ChunkHeader(version=-1, offset=0, total=0, sha256="", error=f"bad request: {e}"), b""
+                else:
+                    header, data = self.serve_chunk(req)
+                sock.send_multipart([*envelope, encode(header), data])
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class WeightPublisher:
+    """Writes each published version, announces it on ZMQ PUB, and serves its bytes.
+
+    Owned by the learner; ``publish`` is called from the training thread only.
+    """
+
+    def __init__(self, lcfg, run_dir: str | os.PathLike, model_dir: str | os.PathLike):
+        import zmq
+
+        self.cfg = lcfg
+        self.run_dir = Path(run_dir)
+        self.model_dir = Path(model_dir)
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._pub.bind(lcfg.zmq_pub)
+        except zmq.ZMQError as e:
+            self._pub.close()
+            raise RuntimeError(f"learner.zmq_pub: cannot bind {lcfg.zmq_pub}: {e}") from None
+        try:
+            self.files = WeightFileServer(lcfg.zmq_files, self.run_dir)
+        except RuntimeError:
+            self._pub.close()
+            raise
+
+    def publish(self, model, version: int) -> WeightsReady:
+        """Write version ``version``, prune old ones, announce; return the announcement."""
+        t0 = time.perf_counter()
+        path, sha = write_version_dir(model, self.run_dir, version, self.model_dir)
+        self.files.remember(version, sha)
+        prune_versions(self.run_dir, self.cfg.keep_versions, version)
+        msg = WeightsReady(version=version, path=str(path.resolve()), sha256=sha, url=self.cfg.zmq_files,
+                           created_at=time.time())
+        self._pub.send(encode(msg))
+        log.debug("published v%d (%.0f ms) at %s", version, 1000 * (time.perf_counter() - t0), path)
+        return msg
+
+    def close(self) -> None:
+        self.files.close()
+        self._pub.close()
+
+
+def fetch_weights(url: str, version: int, dest_dir: str | os.PathLike, *, chunk_bytes: int = 4 << 20,
+                  timeout_s: float = 30.0, expected_sha256: str | None = None) -> tuple[Path, str]:
+    """Download ``model.safetensors`` of ``version`` from a :class:`WeightFileServer` into ``dest_dir``.
+
+    Written to a temp file, checked against the digest the server reports (and ``expected_sha256`` when
+    given, e.g. from WeightsReady), then renamed. Returns (path, sha256). Raises RuntimeError with the
+    server's reason for refused requests, a digest mismatch, or no answer within ``timeout_s`` per chunk.
+    """
+    import hashlib
+
+    import zmq
+
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    final = dest / WEIGHTS_FILE
+    tmp = dest / f".{WEIGHTS_FILE}.fetch-{os.getpid()}"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    h = hashlib.sha256()
+    offset, total, server_sha = 0, None, None
+    try:
+        with open(tmp, "wb") as f:
+            while total is None or offset < total:
+                sock.send(encode(FetchChunk(version=version, offset=offset, size=chunk_bytes)))
+                if not sock.poll(int(timeout_s * 1000)):
+                    raise RuntimeError(f"weight server {url} did not answer within {timeout_s}s (version {version})")
+                header_b, data = sock.recv_multipart()
+                header = decode(header_b, ChunkHeader)
+                if header.error:
+                    raise RuntimeError(f"weight server {url} refused version {version}: {header.error}")
+                if server_sha is not None and header.sha256 != server_sha:
+                    raise RuntimeError(f"version {version} changed on the server during the fetch")
+                server_sha, total = header.sha256, header.total
+                f.write(data)
+                h.update(data)
+                offset += len(data)
+                if not data and offset < total:
+                    raise RuntimeError(f"weight server {url} sent an empty chunk at {offset}/{total}")
+            f.flush()
+            os.fsync(f.fileno())
+        sha = h.hexdigest()
+        for want in (server_sha, expected_sha256):
+            if want is not None and sha != want:
+                raise RuntimeError(f"sha256 mismatch for version {version}: got {sha}, expected {want}")
+        os.replace(tmp, final)
+        return final, sha
+    finally:
+        sock.close()
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,476 @@
+"""The learner's training loop: buffer -> pi_prox -> discrepancy -> DCMDP controller -> loss -> step -> publish.
+
+One optimizer step at learner version V::
+
+    entries = reader.receive(...)                  # until learner.batch_groups groups (own pending first)
+    batch = collate(groups)                        # GRPO advantages per group, right-padded [B, T]
+    logp_prox = no-grad logprobs under the current weights (micro-batched)
+    stats = summarize(logp_prox, logp_mu, lag = V - versions, mask)
+    out = controller.observe(stats)                # lambda, beta(lambda), K(lambda)
+    for each micro-batch: policy_loss(...).backward()   # token-level: every loss is / N_step_tokens
+    clip grads, AdamW step, V += 1
+    publish weights v{V} (every publish_every), Control{V, K, lambda, beta} -> actors admit more
+    metrics row; every checkpoint_every steps: checkpoint, then ack the entries it contains
+
+``setup(cfg, fresh)`` wires the components (model, optimizer, controller, reader, control plane,
+publisher, metrics) and restores a checkpoint; :class:`Learner` only drives them. ``python -m learner``
+calls :func:`train`.
+
+Versions stay monotone across restarts: a restarted learner takes max(checkpoint version, Control.version
+in Redis) and re-publishes its restored weights under it, because actors may already hold (and tag tokens
+with) a version published after the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from learner import checkpoint as ckpt_io
+from learner.metrics import METRICS_FILE, REPORT_FILE, MetricsLogger, truncate_metrics, write_report
+from protocol.messages import Control
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from configs.schema import DcrlConfig
+
+log = logging.getLogger("dcrl.learner")
+
+
+# ---------------------------------------------------------------- batch preparation (pure)
+
+
+@dataclass
+class Batch:
+    """One optimizer step's trajectories, right-padded to the longest: all tensors ``[B, T]`` unless noted.
+
+    Position t holds token t; ``logp_mu[b, t]`` is the actor's log mu of token t (generated tokens only),
+    ``versions[b, t]`` the version that sampled it, ``mask[b, t]`` True for trained (generated) tokens.
+    Padding has mask False.
+    """
+
+    tokens: "Tensor"  # int64
+    logp_mu: "Tensor"  # float32
+    versions: "Tensor"  # int64, -1 at prompt / environment / padding
+    mask: "Tensor"  # bool
+    advantages: "Tensor"  # float32 [B]: GRPO advantage of each trajectory
+    rewards: "Tensor"  # float32 [B]
+    lengths: list[int]  # true length of each row
+    n_groups: int
+
+
+def group_advantages(groups) -> "Tensor":
+    """GRPO advantages of every trajectory, groups concatenated in order: Tensor[sum_g G_g].
+
+    A_i = (r_i - mean_g r) / (std_g r + eps), normalised within each group (``loss.grpo_advantages``)."""
+    import torch
+
+    from learner.loss import grpo_advantages
+
+    parts = [grpo_advantages(torch.tensor([t.reward for t in g.trajectories], dtype=torch.float32)) for g in groups]
+    return torch.cat(parts)
+
+
+def collate(groups, pad_id: int = 0) -> Batch:
+    """Right-pad the trajectories of ``groups`` into one :class:`Batch` (CPU tensors).
+
+    Position 0 is never trained: nothing precedes it, so the learner has no logprob for it."""
+    import numpy as np
+    import torch
+
+    trajs = [t for g in groups for t in g.trajectories]
+    lengths = [len(t) for t in trajs]
+    b, n = len(trajs), max(lengths)
+    tokens = np.full((b, n), pad_id, dtype=np.int64)
+    logp_mu = np.zeros((b, n), dtype=np.float32)
+    versions = np.full((b, n), -1, dtype=np.int64)
+    mask = np.zeros((b, n), dtype=bool)
+    for i, t in enumerate(trajs):
+        m = lengths[i]
+        tokens[i, :m] = t.tokens_np
+        logp_mu[i, :m] = t.logprobs_np
+        versions[i, :m] = t.versions_np
+        mask[i, :m] = t.mask_np.astype(bool)
+    mask[:, 0] = False
+    return Batch(
+        tokens=torch.from_numpy(tokens), logp_mu=torch.from_numpy(logp_mu), versions=torch.from_numpy(versions),
+        mask=torch.from_numpy(mask), advantages=group_advantages(groups),
+        rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32), lengths=lengths, n_groups=len(groups),
+    )
+
+
+def micro_batches(lengths: list[int], size: int) -> list[tuple[int, int, int]]:
+    """Row ranges ``(start, stop, width)`` of at most ``size`` rows; ``width`` = the longest row in the
+    range, so each forward pass trims the batch padding it does not need."""
+    return [(s, min(s + size, len(lengths)), max(lengths[s:s + size])) for s in range(0, len(lengths), size)]
+
+
+def token_logprobs(logits: "Tensor", tokens: "Tensor") -> "Tensor":
+    """log pi(token_t | tokens_<t) at every position t, ``[B, T]`` float32 (position 0: 0).
+
+    ``logits[:, t]`` predicts token t+1, so position t reads ``logits[:, t-1]`` at ``tokens[:, t]``.
+    Computed as gathered logit minus logsumexp in fp32: no [B, T, V] log-softmax tensor is kept."""
+    import torch
+
+    lg = logits[:, :-1].float()
+    picked = lg.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    lp = picked - torch.logsumexp(lg, dim=-1)
+    return torch.nn.functional.pad(lp, (1, 0))
+
+
+def forward_logprobs(model, tokens: "Tensor") -> "Tensor":
+    """Token logprobs of a right-padded ``[B, T]`` batch under ``model``.
+
+    No attention mask: attention is causal, so padding after a row's last token cannot change the
+    logits of its real positions, and the mask-free path is the fastest one."""
+    logits = model(input_ids=tokens, use_cache=False).logits
+    return token_logprobs(logits, tokens)
+
+
+def lag_of(versions: "Tensor", version: int) -> "Tensor":
+    """Policy lag of each token, V - v_t (meaningful where the loss mask is set)."""
+    return version - versions
+
+
+def reduce_loss_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine ``policy_loss`` metrics of the micro-batches of one step.
+
+    Losses add up (each micro-batch loss is already divided by the step's token count); fractions and
+    means are weighted by the tokens they were taken over (``n_tokens`` generated, ``n_kept`` kept)."""
+    n_tok = sum(p["n_tokens"] for p in parts)
+    n_keep = sum(p["n_kept"] for p in parts)
+    out = {k: sum(p[k] for p in parts) for k in ("loss", "pg_loss", "penalty", "n_tokens", "n_kept")}
+    for k in ("masked_frac", "mean_rho"):
+        out[k] = sum(p[k] * p["n_tokens"] for p in parts) / max(n_tok, 1)
+    for k in ("clip_frac", "mean_ratio", "mean_adv", "mean_w"):
+        out[k] = sum(p[k] * p["n_kept"] for p in parts) / max(n_keep, 1)
+    return out
+
+
+def nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class StepResult:
+    row: dict[str, Any]  # the metrics row of the step
+    out: Any  # ControllerOutput used for the step
+
+
+class Learner:
+    """Drives the wired components; created by :func:`setup`. ``run()`` trains until ``learner.steps``.
+
+    State: ``step`` (optimizer steps done), ``version`` (policy version, >= step after a restart),
+    ``unacked`` (stream ids trained since the last checkpoint, acked once one is durable).
+    """
+
+    def __init__(self, cfg: "DcrlConfig", *, model, optimizer, controller, reader, control, publisher,
+                 metrics: MetricsLogger, run_dir: Path, device: "torch.device", step: int = 0, version: int = 0,
+                 trained_total: int = 0):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.controller = controller
+        self.reader = reader
+        self.control = control
+        self.publisher = publisher
+        self.metrics = metrics
+        self.run_dir = run_dir
+        self.device = device
+        self.step = step
+        self.version = version
+        self.trained_total = trained_total
+        self.unacked: list[str] = []
+        self.last_out = controller.initial_output()
+        self.last_checkpoint_step = step
+
+    # -- control plane
+
+    def write_control(self, out, *, stop: bool = False) -> None:
+        """Tell actors the version, the staleness cap K and (for status lines) lambda and beta."""
+        self.control.write_control(Control(
+            version=self.version, max_staleness=int(out.k), lam=float(out.lam), beta=float(out.beta),
+            batch_groups=self.cfg.learner.batch_groups, stop=stop))
+
+    def publish(self) -> None:
+        w = self.publisher.publish(self.model, self.version)
+        self.control.set_weights(w)
+
+    # -- data
+
+    def collect(self) -> tuple[list, float]:
+        """Entries for one step (``batch_groups`` of them) and the seconds spent waiting for them.
+
+        An id already trained since the last checkpoint is skipped: a reclaim (XAUTOCLAIM of an entry idle
+        past ``redis.pending_timeout_s`` while it waits for its checkpoint) must not train it twice."""
+        need = self.cfg.learner.batch_groups
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.learner.wait_timeout_s
+        seen = set(self.unacked)
+        entries = []
+        while len(entries) < need:
+            got = self.reader.receive(need - len(entries), block_ms=self.cfg.redis.read_block_ms,
+                                      current_version=self.version)
+            for e in got:
+                if e.id in seen:
+                    log.debug("skipping %s: already trained, waiting for its checkpoint", e.id)
+                    continue
+                seen.add(e.id)
+                entries.append(e)
+            if len(entries) < need and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"learner: only {len(entries)}/{need} groups after {self.cfg.learner.wait_timeout_s:.0f}s "
+                    f"(learner.wait_timeout_s); are the actors running and pointed at {self.cfg.redis.url} "
+                    f"with prefix {self.cfg.redis.prefix!r}?")
+        return entries, time.monotonic() - t0
+
+    # -- one optimizer step
+
+    def train_step(self, groups) -> StepResult:
+        """One optimizer step on ``groups``; advances ``version``. Returns the metrics row (no I/O)."""
+        import torch
+
+        from learner.discrepancy import per_token_discrepancy, summarize
+        from learner.loss import policy_loss
+
+        cfg, ccfg = self.cfg.learner, self.cfg.controller
+        t0 = time.perf_counter()
+        batch = collate(groups)
+        dev = self.device
+        tokens = batch.tokens.to(dev)
+        logp_mu = batch.logp_mu.to(dev)
+        mask = batch.mask.to(dev)
+        lag = lag_of(batch.versions, self.version).to(dev)
+        adv_tok = batch.advantages.to(dev)[:, None].expand_as(logp_mu)
+        mbs = micro_batches(batch.lengths, cfg.micro_batch)
+
+        # pi_prox: the weights at the start of the step, no grad (decoupled PPO's proximal policy).
+        self.model.eval()
+        logp_prox = torch.zeros_like(logp_mu)
+        with torch.no_grad():
+            for s, e, w in mbs:
+                logp_prox[s:e, :w] = forward_logprobs(self.model, tokens[s:e, :w])
+
+        stats = summarize(logp_prox.flatten(), logp_mu.flatten(), lag.flatten(), mask.flatten(), ccfg.metric)
+        out = self.controller.observe(stats)
+        per_token_d = per_token_discrepancy(torch.where(mask, logp_prox, 0.0), torch.where(mask, logp_mu, 0.0),
+                                            ccfg.metric)
+        n_tokens_total = int(stats.n_tokens)
+        seq_index = torch.arange(tokens.shape[0], device=dev)[:, None].expand_as(tokens)
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for s, e, w in mbs:
+            logp_new = forward_logprobs(self.model, tokens[s:e, :w])
+            sl = (slice(s, e), slice(0, w))
+            loss, m = policy_loss(
+                logp_new.flatten(), logp_prox[sl].flatten(), logp_mu[sl].flatten(), adv_tok[sl].flatten(),
+                mask[sl].flatten(), mode=ccfg.mode, lam=out.lam, beta=out.beta,
+                per_token_d=per_token_d[sl].flatten(), cfg=ccfg, clip_low=cfg.clip_eps_low,
+                clip_high=cfg.clip_eps_high, n_tokens_total=max(n_tokens_total, 1),
+                seq_index=(seq_index[sl] - s).flatten())
+            loss.backward()
+            parts.append(m)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.version += 1
+        self.step += 1
+        lm = reduce_loss_metrics(parts)
+        step_s = time.perf_counter() - t0
+
+        lag_max = int(torch.where(mask, lag, -1).max()) if n_tokens_total else 0
+        rewards = batch.rewards
+        n_gen = int(stats.n_tokens)
+        row: dict[str, Any] = {
+            "step": self.step, "version": self.version,
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(correction=0)),
+            "reward/zero_signal_groups": float(sum(
+                len({t.reward for t in g.trajectories}) == 1 for g in groups) / len(groups)),
+            "discrepancy/total": stats.total, "discrepancy/engine": nan_if_none(stats.engine),
+            "discrepancy/engine_fit": nan_if_none(stats.engine_fit),
+            "discrepancy/lag_slope": nan_if_none(stats.kappa), "discrepancy/max_token": stats.max_token,
+            "discrepancy/ess": stats.ess, "discrepancy/k3": stats.k3, "discrepancy/abs_prob": stats.abs_prob,
+            **{f"discrepancy/lag{k}": mean for k, (mean, _) in sorted(stats.by_lag.items())},
+            "dcmdp/lambda": out.lam, "dcmdp/beta": out.beta, "dcmdp/delta": out.delta, "dcmdp/err": out.err,
+            "dcmdp/warmup": float(out.phase == "warmup"),
+            "staleness/max_allowed": int(out.k), "staleness/mean": stats.mean_lag, "staleness/max": lag_max,
+            "is/masked_frac": lm["masked_frac"], "is/mean_rho": lm["mean_rho"], "is/mean_w": lm["mean_w"],
+            "loss": lm["loss"], "loss/pg": lm["pg_loss"], "loss/penalty": lm["penalty"],
+            "loss/clip_frac": lm["clip_frac"], "loss/mean_ratio": lm["mean_ratio"],
+            "grad_norm": float(grad_norm),
+            "batch/groups": batch.n_groups, "batch/trajectories": len(batch.lengths),
+            "tokens/generated": n_gen, "tokens/total": int(sum(batch.lengths)),
+            "time/step_s": step_s,
+        }
+        return StepResult(row=row, out=out)
+
+    # -- durability
+
+    def checkpoint(self) -> Path:
+        """Checkpoint, then ack what it contains (never the other way round: see ``learner.checkpoint``)."""
+        self.trained_total += len(self.unacked)
+        path = ckpt_io.save_checkpoint(
+            self.run_dir, self.step, model=self.model, optimizer=self.optimizer, keep=self.cfg.learner.keep_checkpoints,
+            state={"version": self.version, "controller": self.controller.state_dict(),
+                   "metrics_offset": self.metrics.offset(), "trained_ids": list(self.unacked),
+                   "trained_total": self.trained_total, "consumer": self.cfg.learner.consumer})
+        if self.unacked:
+            self.reader.ack(self.unacked)
+        self.unacked = []
+        self.last_checkpoint_step = self.step
+        return path
+
+    def run(self) -> None:
+        """Train until ``learner.steps``, checkpoint, write Control(stop=True), write the report."""
+        cfg = self.cfg.learner
+        while self.step < cfg.steps:
+            entries, wait_s = self.collect()
+            res = self.train_step([e.group for e in entries])
+            self.unacked.extend(e.id for e in entries)
+            self.last_out = res.out
+            if self.step % cfg.publish_every == 0 or self.step == cfg.steps:
+                self.publish()
+            self.write_control(res.out)
+            row = res.row
+            row["time/wait_for_data_s"] = wait_s
+            row["throughput/tokens_per_s"] = row["tokens/generated"] / max(wait_s + row["time/step_s"], 1e-9)
+            row["throughput/learner_tokens_per_s"] = row["tokens/total"] / max(row["time/step_s"], 1e-9)
+            self.metrics.log(row)
+            if cfg.crash_after_step is not None and self.step == cfg.crash_after_step:
+                log.warning("learner.crash_after_step=%d: SIGKILL before the checkpoint (test hook)", self.step)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.checkpoint()
+        if self.last_checkpoint_step != self.step:
+            self.checkpoint()
+        self.write_control(self.last_out, stop=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.publisher.close()
+        self.reader.close()
+        self.control.close()
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def pick_device(name: str) -> "torch.device":
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_policy(model_dir: Path, dtype: str, device: "torch.device"):
+    """The trainable policy: transformers causal LM in ``learner.dtype`` on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    """``--fresh``: remove what an earlier run of this name left (checkpoints, weights, metrics, report)."""
+    from learner.publisher import weights_root
+
+    ckpt_io.remove_checkpoints(run_dir)
+    if weights_root(run_dir).exists():
+        shutil.rmtree(weights_root(run_dir))
+    for name in (METRICS_FILE, REPORT_FILE, "wandb_id"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
+    """Wire the learner: model, optimizer, controller, buffer reader, control plane, publisher, metrics.
+
+    Resume (default): the latest checkpoint restores weights, optimizer, controller, RNG and step; the
+    version becomes max(checkpoint version, Control.version in Redis); metrics.jsonl is cut back to the
+    checkpoint; the checkpoint's ``trained_ids`` are acked (they may have been left pending by a crash
+    right after the checkpoint). Fresh (``fresh`` or no checkpoint): a leftover control hash of version
+    > 0 under this prefix belongs to an older run and is reset. Either way the current weights are
+    published under the current version and Control is written before the first step.
+    """
+    import torch
+
+    from buffer import ControlPlane, GroupReader
+    from learner.controller import DCMDPController
+    from learner.publisher import WeightPublisher
+    from learner.tiny import ensure_model
+
+    lcfg = cfg.learner
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if lcfg.torch_threads:
+        torch.set_num_threads(lcfg.torch_threads)
+    if fresh:
+        log.info("--fresh: removing checkpoints, weights and metrics of %s", run_dir)
+        clear_run_outputs(run_dir)
+    ckpt = ckpt_io.load_latest(run_dir)
+
+    model_dir = ensure_model(cfg, log=log.info)
+    device = pick_device(lcfg.device)
+    torch.manual_seed(cfg.run.seed)
+    model = load_policy(model_dir, lcfg.dtype, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+    controller = DCMDPController(cfg.controller)
+
+    control = ControlPlane(cfg.redis)
+    leftover = control.read_control()
+    step = version = trained_total = 0
+    if ckpt is None:
+        if leftover is not None and leftover.version > 0:
+            log.warning("fresh start but %s:control holds version %d from an earlier run: resetting the "
+                        "prefix (stream, counters, control)", cfg.redis.prefix, leftover.version)
+            control.reset()
+        truncate_metrics(run_dir / METRICS_FILE, 0)
+    else:
+        ckpt.restore(model, optimizer)
+        controller.load_state_dict(ckpt.state["controller"])
+        step = ckpt.step
+        trained_total = int(ckpt.state.get("trained_total", 0))
+        version = max(ckpt.version, leftover.version if leftover is not None else 0)
+        truncate_metrics(run_dir / METRICS_FILE, int(ckpt.state["metrics_offset"]))
+        log.info("resumed %s at step %d, version %d (checkpoint version %d, Redis version %s)", ckpt.path.name,
+                 step, version, ckpt.version, None if leftover is None else leftover.version)
+
+    vocab = model.get_input_embeddings().num_embeddings
+    reader = GroupReader(cfg.redis, lcfg.consumer, vocab_size=vocab)
+    if ckpt is not None and ckpt.state.get("trained_ids"):
+        reader.ack(list(ckpt.state["trained_ids"]))
+    publisher = WeightPublisher(lcfg, run_dir, model_dir)
+    metrics = MetricsLogger(run_dir, wandb_mode=lcfg.wandb_mode, wandb_project=lcfg.wandb_project,
+                            run_name=cfg.run.name, config=cfg.model_dump(mode="json"), progress=lcfg.progress,
+                            total_steps=lcfg.steps, start_step=step)
+    learner = Learner(cfg, model=model, optimizer=optimizer, controller=controller, reader=reader, control=control,
+                      publisher=publisher, metrics=metrics, run_dir=run_dir, device=device, step=step,
+                      version=version, trained_total=trained_total)
+    learner.publish()
+    learner.write_control(learner.last_out)
+    return learner
+
+
+def train(cfg: "DcrlConfig", fresh: bool = False) -> Path:
+    """``python -m learner``: set up, run ``learner.steps`` steps, write the report; returns the run dir."""
+    learner = setup(cfg, fresh=fresh)
+    try:
+        learner.run()
+    finally:
+        learner.close()
+    write_report(learner.run_dir)
+    return learner.run_dir

@@ -1,0 +1,119 @@
+"""Admission control: the capacity rule, and try_admit/release against a real Redis under concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from buffer import ControlPlane, admission_capacity
+from configs.schema import RedisConfig
+from protocol import Control, WeightsReady
+
+
+@pytest.mark.parametrize("version, k, batch, expected", [
+    (0, 0, 1, 1),      # synchronous, first step: one batch
+    (0, 0, 8, 8),
+    (5, 0, 8, 48),     # K = 0: exactly one batch ahead of the V batches consumed
+    (0, 4, 8, 40),
+    (10, 2, 4, 52),
+])
+def test_admission_capacity_is_k_plus_v_plus_one_batches(version, k, batch, expected):
+    assert admission_capacity(version, k, batch) == expected
+
+
+def test_admission_capacity_grows_one_batch_per_version_and_per_k():
+    for v in range(5):
+        for k in range(4):
+            assert admission_capacity(v + 1, k, 3) - admission_capacity(v, k, 3) == 3
+            assert admission_capacity(v, k + 1, 3) - admission_capacity(v, k, 3) == 3
+
+
+@pytest.mark.parametrize("args", [(-1, 0, 1), (0, -1, 1), (0, 0, 0)])
+def test_admission_capacity_rejects_out_of_range(args):
+    with pytest.raises(ValueError):
+        admission_capacity(*args)
+
+
+def _plane(url: str) -> ControlPlane:
+    return ControlPlane(RedisConfig(url=url, connect_timeout_s=5.0))
+
+
+def test_try_admit_without_control_admits_nothing(redis_url):
+    plane = _plane(redis_url)
+    assert plane.try_admit() is False
+    assert plane.counters()["produced"] == 0
+
+
+@pytest.mark.parametrize("version, k, batch", [(0, 0, 1), (0, 2, 4), (3, 1, 2)])
+def test_try_admit_stops_exactly_at_admission_capacity(redis_url, version, k, batch):
+    plane = _plane(redis_url)
+    plane.write_control(Control(version=version, max_staleness=k, batch_groups=batch))
+    admitted = 0
+    while plane.try_admit():
+        admitted += 1
+        assert admitted <= 1000
+    assert admitted == admission_capacity(version, k, batch)
+    # the learner takes a step: exactly one more batch is admitted
+    plane.write_control(Control(version=version + 1, max_staleness=k, batch_groups=batch))
+    more = 0
+    while plane.try_admit():
+        more += 1
+    assert more == batch
+    assert plane.counters()["produced"] == admission_capacity(version + 1, k, batch)
+
+
+def test_try_admit_concurrent_callers_never_exceed_capacity(redis_url):
+    capacity = admission_capacity(3, 2, 4)
+    _plane(redis_url).write_control(Control(version=3, max_staleness=2, batch_groups=4))
+    planes = [_plane(redis_url) for _ in range(8)]
+    results: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(planes))
+
+    def actor(plane: ControlPlane) -> None:
+        start.wait()
+        mine = sum(plane.try_admit() for _ in range(15))
+        with lock:
+            results.append(mine)
+
+    threads = [threading.Thread(target=actor, args=(p,)) for p in planes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8
+    assert sum(results) == capacity  # 120 attempts, exactly capacity admitted
+    assert planes[0].counters()["produced"] == capacity
+
+
+def test_release_gives_back_one_slot_and_never_goes_below_zero(redis_url):
+    plane = _plane(redis_url)
+    plane.write_control(Control(version=0, max_staleness=0, batch_groups=2))
+    assert plane.try_admit() and plane.try_admit() and not plane.try_admit()
+    plane.release()
+    assert plane.counters()["produced"] == 1
+    assert plane.try_admit() and not plane.try_admit()
+    for _ in range(5):
+        plane.release()
+    assert plane.counters()["produced"] == 0
+
+
+def test_stop_control_admits_nothing(redis_url):
+    plane = _plane(redis_url)
+    plane.write_control(Control(version=7, max_staleness=4, batch_groups=8, stop=True))
+    assert plane.try_admit() is False
+    assert plane.read_control().stop is True
+
+
+def test_control_and_weights_round_trip_through_the_hash(redis_url):
+    plane = _plane(redis_url)
+    assert plane.read_control() is None and plane.latest_weights() is None
+    c = Control(version=2, max_staleness=3, lam=0.25, beta=4.0, batch_groups=8)
+    w = WeightsReady(version=2, path="/tmp/w/v000002", sha256="ab" * 32, url="tcp://127.0.0.1:5591")
+    plane.write_control(c)
+    plane.set_weights(w)
+    other = _plane(redis_url)  # another process's view
+    assert other.read_control() == c
+    assert other.latest_weights() == w
+    assert other.counters()["capacity"] == admission_capacity(2, 3, 8)
