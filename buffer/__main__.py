@@ -78,10 +78,18 @@ def main(argv: list[str] | None = None) -> int:
               f"append-only file in {Path(cfg.data_dir).resolve()}", file=sys.stderr, flush=True)
         os.execv(cmd[0], cmd)
 
+    import redis
+
     from buffer.connection import connect
     from buffer.stats import collect_stats, dead_letters, format_stats
 
-    client = connect(cfg, "buffer cli")
+    # An inspection command should not hang for the learner's full connect timeout.
+    cfg = cfg.model_copy(update={"connect_timeout_s": min(cfg.connect_timeout_s, 5.0)})
+    try:
+        client = connect(cfg, "buffer cli")
+    except (redis.exceptions.ConnectionError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.command == "stats":
             st = collect_stats(client, cfg, n_dead=args.n)

@@ -49,18 +49,17 @@ if n > 0 then return redis.call('DECR', KEYS[1]) end
 return 0
 """
 
-# KEYS[1] stream, KEYS[2] consumed counter; ARGV[1] group, ARGV[2..] entry ids.
-# XACK then XDEL each id (stream memory stays bounded by what is unconsumed); counts only the ids this
+# KEYS[1] stream, KEYS[2] consumed counter; ARGV[1] group, ARGV[2..] entry ids (at most ACK_CHUNK).
+# XACK then XDEL the ids (stream memory stays bounded by what is unconsumed); counts only the ids this
 # call acked, so acking twice (e.g. a restarted learner re-acking its checkpoint's ids) counts once.
 ACK_LUA = """
-local acked = 0
-for i = 2, #ARGV do
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  redis.call('XDEL', KEYS[1], ARGV[i])
-end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 if acked > 0 then redis.call('INCRBY', KEYS[2], acked) end
 return acked
 """
+# Lua's unpack() is bounded by its C stack (about 8,000 values): larger acks go in chunks.
+ACK_CHUNK = 1000
 
 # KEYS[1] stream, KEYS[2] dead stream, KEYS[3] dead counter, KEYS[4] produced counter;
 # ARGV[1] group, ARGV[2] entry id, ARGV[3] reason, ARGV[4] raw data, ARGV[5] dead stream cap.

@@ -25,6 +25,7 @@ returned; a valid one is never dropped.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import redis
@@ -32,7 +33,7 @@ import redis
 from configs.schema import RedisConfig
 from protocol import ProtocolError, TrajectoryGroup, decode_group
 
-from buffer.admission import ACK_LUA, DEAD_LETTER_LUA
+from buffer.admission import ACK_CHUNK, ACK_LUA, DEAD_LETTER_LUA
 from buffer.connection import SOCKET_TIMEOUT_S, Retrier, connect
 from buffer.keys import Keys
 
@@ -70,6 +71,7 @@ class GroupReader:
         self._held: set[str] = set()  # ids returned by receive() and not acked yet
         self._own_cursor: str | None = "0"  # id after which to read our own pending entries; None once done
         self._claim_cursor = "0-0"  # XAUTOCLAIM scan position
+        self._last_scan_end = float("-inf")  # when the last full XAUTOCLAIM scan finished
         self.dead = 0  # entries this reader dead-lettered
         self._retry.call(self._ensure_group)
 
@@ -85,7 +87,7 @@ class GroupReader:
         out: list[Entry] = []
         while self._own_cursor is not None and len(out) < max_groups:
             out += self._valid(self._retry.call(self._read_own_pending, max_groups - len(out)), current_version)
-        if len(out) < max_groups:
+        if len(out) < max_groups and self._reclaim_due():
             out += self._valid(self._retry.call(self._reclaim, max_groups - len(out)), current_version)
         while len(out) < max_groups:
             raw = self._retry.call(self._read_new, max_groups - len(out), None if out else block)
@@ -98,10 +100,10 @@ class GroupReader:
     def ack(self, ids: list[str]) -> int:
         """XACK + XDEL ``ids`` and add them to the consumed counter (entries acked earlier count once).
         Call after the step (or checkpoint) that used them. Returns how many were newly acked."""
-        if not ids:
-            return 0
-        acked = self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed],
-                                 args=[self.cfg.consumer_group, *ids])
+        acked = 0
+        for i in range(0, len(ids), ACK_CHUNK):
+            acked += self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed],
+                                      args=[self.cfg.consumer_group, *ids[i:i + ACK_CHUNK]])
         self._held.difference_update(ids)
         return int(acked)
 
@@ -150,6 +152,12 @@ class GroupReader:
         self._own_cursor = page[-1][0].decode()
         return page
 
+    def _reclaim_due(self) -> bool:
+        """Scan for abandoned entries while a scan is under way, else at most every ``pending_timeout_s / 4``
+        (an entry becomes claimable only after ``pending_timeout_s``; this saves a round trip per receive)."""
+        return self._claim_cursor != "0-0" or (
+            time.monotonic() - self._last_scan_end >= self.cfg.pending_timeout_s / 4)
+
     def _reclaim(self, count: int) -> list:
         """One XAUTOCLAIM step: entries idle longer than ``pending_timeout_s`` under any consumer become ours.
         Our own unacked entries may come back (their idle time grows while the learner trains); skip them."""
@@ -163,6 +171,8 @@ class GroupReader:
             self._ensure_group()
             return []
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        if self._claim_cursor == "0-0":
+            self._last_scan_end = time.monotonic()
         fresh = [e for e in claimed if e[0].decode() not in self._held]
         if fresh:
             log.info("reader %s: reclaimed %d entries left pending by another consumer", self.consumer, len(fresh))

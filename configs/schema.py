@@ -141,6 +141,25 @@ class ActorConfig(_Strict):
     max_groups: int | None = Field(None, ge=1)
     """Stop after this many groups (None: run until the learner says stop or SIGTERM)."""
     seed: int = Field(0, ge=0)
+    enforce_eager: bool | None = None
+    """vLLM eager mode (no torch.compile / CUDA graphs). None: eager on CPU (starts in seconds), graphs on GPU."""
+    prefix_caching: bool = True
+    """vLLM prefix caching: every multi-turn turn resubmits the whole context, so earlier turns hit the cache."""
+    reload_clear_cache: bool = True
+    """Clear vLLM's KV/prefix cache at each weight update: in-flight requests are re-prefilled with the new
+    weights and no later turn reuses a prefix computed by the old ones (costs one prefill per update)."""
+    cpu_threads: int = Field(1, ge=1)
+    """vLLM CPU only: OpenMP threads of the engine (OMP_NUM_THREADS)."""
+    admission_poll_s: float = Field(0.25, gt=0)
+    """While idle (no control yet, or at the staleness cap): seconds between two admission attempts."""
+    weights_poll_s: float = Field(2.0, gt=0)
+    """Seconds between reads of the latest WeightsReady in Redis, the fallback for missed ZMQ announcements."""
+    weights_fetch_chunk_mb: int = Field(4, ge=1, le=16)
+    """Chunk size when fetching weights from the learner's file server (it serves at most 16 MiB per chunk)."""
+    weights_fetch_timeout_s: float = Field(30.0, gt=0)
+    """Give up a weight fetch (the update is refused, current weights kept) if a chunk takes longer."""
+    drain_timeout_s: float = Field(300.0, gt=0)
+    """On Control.stop or max_groups: wait this long for in-flight groups to finish, then cancel the rest."""
 
 
 class LearnerConfig(_Strict):

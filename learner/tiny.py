@@ -437,8 +437,12 @@ def vllm_cpu_env(kv_cache_gb: int = 1, threads: int | None = None) -> dict[str, 
     - OMP_NUM_THREADS: with ``nobind`` vLLM does not set it; one thread per engine by default, since
       the tiny model's matmuls are too small to gain from more and the learner needs the other core.
     - TOKENIZERS_PARALLELISM=false: no tokenizer thread pool beside the engine.
+    - VLLM_HOST_IP / VLLM_LOOPBACK_IP=127.0.0.1: vLLM otherwise advertises the machine's network
+      address for its internal message queues; all traffic stays on loopback.
     """
     return {
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_LOOPBACK_IP": "127.0.0.1",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(threads or 1),

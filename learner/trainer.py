@@ -252,7 +252,8 @@ class Learner:
         tokens = batch.tokens.to(dev)
         logp_mu = batch.logp_mu.to(dev)
         mask = batch.mask.to(dev)
-        lag = lag_of(batch.versions, self.version).to(dev)
+        version = self.version  # V: the weights pi_prox is computed with; lags are V - v_t
+        lag = lag_of(batch.versions, version).to(dev)
         adv_tok = batch.advantages.to(dev)[:, None].expand_as(logp_mu)
         mbs = micro_batches(batch.lengths, cfg.micro_batch)
 
@@ -291,7 +292,9 @@ class Learner:
         lm = reduce_loss_metrics(parts)
         step_s = time.perf_counter() - t0
 
-        lag_max = int(torch.where(mask, lag, -1).max()) if n_tokens_total else 0
+        # Newest/oldest sampling version in the batch: shows which published weights the actors served.
+        v_gen = batch.versions[batch.mask]
+        lag_max = int(version - v_gen.min()) if v_gen.numel() else 0
         rewards = batch.rewards
         n_gen = int(stats.n_tokens)
         row: dict[str, Any] = {
@@ -307,6 +310,8 @@ class Learner:
             "dcmdp/lambda": out.lam, "dcmdp/beta": out.beta, "dcmdp/delta": out.delta, "dcmdp/err": out.err,
             "dcmdp/warmup": float(out.phase == "warmup"),
             "staleness/max_allowed": int(out.k), "staleness/mean": stats.mean_lag, "staleness/max": lag_max,
+            "staleness/newest_version": int(v_gen.max()) if v_gen.numel() else -1,
+            "staleness/oldest_version": int(v_gen.min()) if v_gen.numel() else -1,
             "is/masked_frac": lm["masked_frac"], "is/mean_rho": lm["mean_rho"], "is/mean_w": lm["mean_w"],
             "loss": lm["loss"], "loss/pg": lm["pg_loss"], "loss/penalty": lm["penalty"],
             "loss/clip_frac": lm["clip_frac"], "loss/mean_ratio": lm["mean_ratio"],

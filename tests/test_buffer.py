@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -380,4 +379,38 @@ def test_connect_gives_up_after_connect_timeout_when_no_server(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(redis.exceptions.ConnectionError, match="unreachable"):
         connect(cfg)
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_writer_close_during_an_outage_reports_what_was_not_delivered(redis_server):
+    writer = GroupWriter(fast_cfg(redis_server.url), "actor-0")
+    redis_server.stop()
+    for g in groups(3):
+        writer.send(g)
+    t0 = time.monotonic()
+    assert writer.close(timeout_s=0.3) == 3
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(RuntimeError, match="after close"):
+        writer.send(groups(1)[0])
+
+
+def test_writer_surfaces_a_non_outage_error_to_the_caller(redis_url):
+    cfg = fast_cfg(redis_url)
+    connect(cfg).set(f"{cfg.prefix}:traj", "not a stream")  # XADD now fails with WRONGTYPE: not an outage
+    writer = GroupWriter(cfg, "actor-0")
+    writer.send(groups(1)[0])
+    with pytest.raises(RuntimeError, match="WRONGTYPE"):
+        writer.flush(5.0)
+    with pytest.raises(RuntimeError, match="WRONGTYPE"):
+        writer.send(groups(1)[0])
+    with pytest.raises(RuntimeError, match="WRONGTYPE"):
+        writer.close()
+
+
+def test_reader_gives_up_after_max_outage_s(redis_server):
+    reader = GroupReader(fast_cfg(redis_server.url, max_outage_s=0.5), "learner-0")
+    redis_server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError, match="unreachable for"):
+        reader.receive(4, block_ms=50)
     assert time.monotonic() - t0 < 5.0

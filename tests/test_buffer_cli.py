@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +117,10 @@ def test_serve_refuses_a_non_loopback_url():
     cmd = serve_command(RedisConfig(url="redis://localhost:6400/0", password="x", data_dir="/tmp/d"))
     assert cmd[cmd.index("--bind") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "6400"
     assert cmd[cmd.index("--requirepass") + 1] == "x" and cmd[cmd.index("--appendonly") + 1] == "yes"
+
+
+def test_stats_cli_without_a_server_fails_with_one_clear_line():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    proc = run_cli("stats", "--set", f"redis.url={url}", "--set", "redis.connect_timeout_s=0.5")
+    assert proc.returncode == 1
+    assert "unreachable" in proc.stderr and url in proc.stderr and "Traceback" not in proc.stderr

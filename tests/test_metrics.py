@@ -97,3 +97,13 @@ def test_metrics_help_is_fast():
                 if line.startswith("import time:")}
     assert imported, "no -X importtime output"
     assert not imported & {"torch", "transformers", "vllm", "wandb", "matplotlib"}, "--help imported heavy modules"
+
+
+def test_metrics_wandb_offline_writes_under_run_dir_and_resumes_same_id(tmp_path):
+    for step in (1, 2):  # a second logger = a resumed learner
+        logger = MetricsLogger(tmp_path, wandb_mode="offline", run_name="t", config={"learner": {"steps": 2}})
+        logger.log(_row(step))
+        logger.close()
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    runs = sorted(p.name for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-"))
+    assert runs and all(name.endswith(run_id) for name in runs)

@@ -1,0 +1,98 @@
+"""``python -m actors``: one actor process (vLLM engine + episodes + weight updates -> Redis stream).
+
+    python -m actors --config tiny [--set actor.concurrency=16] [--actor-id actor-1]
+
+Actor id: ``--actor-id``, else ``DCRL_ACTOR_ID``, else honcho's ``PS`` (``actor.2`` -> ``actor-2``), else
+``actor-0``; its trailing number picks the GPU on GPU machines (``actor.gpu`` overrides). SIGTERM or
+SIGINT: in-flight episodes are cancelled, finished groups flushed, exit 0. vLLM, torch and
+transformers are imported only after the arguments are parsed (``--help`` answers at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from configs.schema import add_config_args
+
+    parser = argparse.ArgumentParser(prog="python -m actors", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--actor-id", default=None,
+                        help="actor id (default: $DCRL_ACTOR_ID, else honcho's $PS, else actor-0)")
+    return parser
+
+
+async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
+    """Wire the components, run the actor until it stops, close everything. Returns the exit code."""
+    from actors.actor import Actor, TextCodec
+    from actors.engine import Engine
+    from actors.weights import WeightSubscriber
+    from buffer import ControlPlane, GroupWriter
+    from learner.tiny import ensure_model
+
+    log = logging.getLogger("dcrl.actor")
+    loop = asyncio.get_running_loop()
+    early_stop = asyncio.Event()
+    holder: dict = {}
+
+    def on_signal(signum: int) -> None:
+        if "actor" in holder:
+            holder["actor"].request_stop()
+        else:
+            log.info("%s: %s before start; exiting", actor_id, signal.Signals(signum).name)
+            early_stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    model_dir = ensure_model(cfg, log=log.info)
+    control = ControlPlane(cfg.redis, who=actor_id)
+    writer = GroupWriter(cfg.redis, actor_id)
+    engine = subscriber = None
+    try:
+        engine = await Engine.start(cfg, model_dir, device=device, replica=replica)
+        if early_stop.is_set():
+            return 0
+        subscriber = WeightSubscriber(cfg.learner.zmq_pub)
+        actor = holder["actor"] = Actor(cfg, actor_id, engine, TextCodec.from_pretrained(model_dir), writer,
+                                        control, subscriber)
+        log.info("%s: %s on %s, env %s, G=%d, concurrency %d", actor_id, engine.tag, model_dir, cfg.env.name,
+                 cfg.actor.group_size, cfg.actor.concurrency)
+        await actor.run()
+    finally:
+        if subscriber is not None:
+            subscriber.close()
+        if engine is not None:
+            engine.shutdown()
+        writer.close()
+        control.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from configs.schema import config_from_args
+
+    cfg = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # vLLM's per-request INFO lines would drown the status line; its warnings stay visible.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from actors.actor import replica_index, resolve_actor_id
+    from actors.engine import prepare_device_env
+
+    actor_id = resolve_actor_id(args.actor_id, os.environ)
+    replica = replica_index(actor_id)
+    device = prepare_device_env(cfg, replica)  # before anything imports vllm or torch
+    return asyncio.run(serve(cfg, actor_id, replica, device))
+
+
+if __name__ == "__main__":  # vLLM starts its engine with multiprocessing spawn: the guard is required
+    sys.exit(main())

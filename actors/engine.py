@@ -1,0 +1,247 @@
+"""The actor's inference engine: one vLLM ``AsyncLLM`` serving model turns, with versioned weight reloads.
+
+Used by the actor (and ``bench/rollout.py``) as::
+
+    device = prepare_device_env(cfg, replica)                  # before vLLM is imported: GPU pick / CPU env
+    engine = await Engine.start(cfg, model_dir, device=device, replica=replica)
+    turn = await engine.generate(context_ids, max_tokens, request_id)   # one model turn
+    turn.token_ids, turn.logprobs, turn.versions, turn.stopped
+    await engine.load_weights(weights_dir, version)            # pause(keep) -> reload_weights -> resume
+    engine.shutdown()
+
+Version invariant: ``turn.versions[i]`` is the version of the weights that sampled ``turn.token_ids[i]``.
+The label is stamped by vLLM's engine core on the outputs of every scheduler step (its
+``weight_version``), and this class changes that label only while the scheduler is paused, between
+the reload and the resume. So a token sampled before the pause but delivered to Python after the
+reload still carries the old label: outputs are tagged where they are produced, not where they are
+read, and no drain-then-switch race exists on the client side. vLLM returns the labels as spans over
+the request's output tokens (``CompletionOutput.weight_versions``); a turn that straddles an update
+has two spans, and an episode that straddles several turns can hold several versions.
+
+Cache invariant (``actor.reload_clear_cache``, default on): the pause clears the KV and prefix caches,
+so running requests are re-prefilled under the new weights and no later turn reuses a prefix computed
+by the old ones. Cost: one prefill of every in-flight context per update. Off, in-flight requests keep
+their old-weight KV (faster, but tokens after the update attend to old activations).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from configs.schema import DcrlConfig
+
+log = logging.getLogger("dcrl.actor.engine")
+
+DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}
+
+
+def engine_tag(device_type: str, dtype: str) -> str:
+    """Engine label stored in every TrajectoryGroup, e.g. ``vllm-cpu/bf16`` or ``vllm-cuda/bf16``."""
+    return f"vllm-{device_type}/{DTYPE_TAGS.get(dtype, dtype)}"
+
+
+def visible_gpus(environ: Mapping[str, str]) -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` when set (Ray sets it per replica), else
+    one id per line of ``nvidia-smi -L``, else none (a CPU machine)."""
+    cvd = environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        ids = [d.strip() for d in cvd.split(",") if d.strip()]
+        return [] if ids in ([], ["-1"]) else ids
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def pick_gpu(replica: int, override: int | None, visible: Sequence[str]) -> str:
+    """The GPU id for actor replica ``replica``: ``visible[override]`` when ``actor.gpu`` is set, else
+    ``visible[replica % len(visible)]`` (honcho's actor.N on an N-GPU box gets GPU N; a Ray replica sees one)."""
+    if not visible:
+        raise ValueError("pick_gpu: no visible GPU")
+    if override is not None:
+        if not 0 <= override < len(visible):
+            raise ValueError(f"actor.gpu={override} but only {len(visible)} GPU(s) are visible: {list(visible)}")
+        return visible[override]
+    return visible[replica % len(visible)]
+
+
+def prepare_device_env(cfg: "DcrlConfig", replica: int, environ: dict[str, str] | None = None) -> str:
+    """Set the environment vLLM reads at import, return the device type ("cuda" or "cpu").
+
+    GPU machine: ``CUDA_VISIBLE_DEVICES`` = the one GPU :func:`pick_gpu` chose. CPU machine: the vLLM
+    CPU settings of ``learner.tiny.vllm_cpu_env`` (KV cache ``actor.cpu_kv_cache_gb``, ``actor.cpu_threads``
+    OpenMP threads, no core pinning). Must run before ``import vllm`` (and torch) in this process.
+    """
+    env = os.environ if environ is None else environ
+    gpus = visible_gpus(env)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = pick_gpu(replica, cfg.actor.gpu, gpus)
+        return "cuda"
+    from learner.tiny import vllm_cpu_env
+
+    for k, v in vllm_cpu_env(cfg.actor.cpu_kv_cache_gb, cfg.actor.cpu_threads).items():
+        env[k] = v
+    return "cpu"
+
+
+def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, replica: int = 0) -> dict[str, Any]:
+    """``AsyncEngineArgs`` for the actor: behaviour logprobs after temperature (``processed_logprobs``),
+    prefix caching (each multi-turn turn resubmits the whole context), the run's context length.
+
+    Eager mode (``actor.enforce_eager``, default: on CPU only) starts in seconds instead of compiling.
+    ``seed`` differs per replica so that actors do not sample identical episodes.
+    """
+    eager = cfg.actor.enforce_eager if cfg.actor.enforce_eager is not None else device == "cpu"
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": cfg.actor.dtype,
+        "max_model_len": cfg.model.max_seq_len,
+        "logprobs_mode": "processed_logprobs",
+        "enable_prefix_caching": cfg.actor.prefix_caching,
+        "enforce_eager": eager,
+        "seed": cfg.actor.seed + replica,
+        "max_num_seqs": max(cfg.actor.concurrency, 1),
+        "disable_log_stats": True,
+    }
+    if device == "cuda":
+        args["gpu_memory_utilization"] = cfg.actor.gpu_memory_utilization
+    return args
+
+
+def spans_to_versions(spans: Sequence[Any] | None, n_tokens: int) -> np.ndarray:
+    """Per-token int32 versions from vLLM's ``WeightVersionSpan(version, start, end)`` list.
+
+    The spans must tile ``[0, n_tokens)`` in order; anything else means the engine did not label the
+    tokens (e.g. a vLLM without weight-version tracking) and raises RuntimeError rather than guess.
+    """
+    out = np.empty(n_tokens, dtype=np.int32)
+    if n_tokens == 0:
+        return out
+    if not spans:
+        raise RuntimeError("vLLM returned no weight-version spans for generated tokens "
+                           "(needs a vLLM with CompletionOutput.weight_versions, >= 0.32)")
+    pos = 0
+    for s in spans:
+        if s.start != pos or s.end < s.start:
+            raise RuntimeError(f"weight-version spans do not tile the output: {spans}")
+        out[s.start:s.end] = int(s.version)
+        pos = s.end
+    if pos != n_tokens:
+        raise RuntimeError(f"weight-version spans cover {pos} of {n_tokens} tokens: {spans}")
+    return out
+
+
+@dataclass(frozen=True)
+class TurnOutput:
+    """One model turn: sampled ids, their behaviour logprobs and weight versions, and whether it ended
+    with EOS (``stopped``; False = cut at ``max_tokens``)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    stopped: bool
+
+
+class Engine:
+    """A vLLM ``AsyncLLM`` plus the weight version it serves. One per actor process."""
+
+    def __init__(self, llm, *, tag: str, temperature: float, top_p: float, clear_cache_on_reload: bool,
+                 version: int = 0):
+        self.llm = llm
+        self.tag = tag
+        self.temperature = temperature
+        self.top_p = top_p
+        self.clear_cache_on_reload = clear_cache_on_reload
+        self.version = version  # weights the engine serves now (its output label)
+        self.generated_tokens = 0  # model tokens returned so far, for tokens/s
+        self.reloads = 0
+        self._reload_lock = None  # created lazily inside the running loop
+
+    @classmethod
+    async def start(cls, cfg: "DcrlConfig", model_path: str | os.PathLike, *, device: str = "cpu",
+                    replica: int = 0) -> "Engine":
+        """Start vLLM on ``model_path`` (policy version 0) and label its outputs "0".
+
+        Blocks the loop while the engine starts (tens of seconds on CPU); nothing else runs yet.
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.monotonic()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(cfg, model_path, device, replica)))
+        await llm.update_weight_version("0")
+        log.info("vLLM engine up on %s (%s) in %.1f s", model_path, engine_tag(device, cfg.actor.dtype),
+                 time.monotonic() - t0)
+        return cls(llm, tag=engine_tag(device, cfg.actor.dtype), temperature=cfg.actor.temperature,
+                   top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache)
+
+    def _params(self, max_tokens: int, ignore_eos: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # FINAL_ONLY: one output per turn instead of one per token (the Python side is the bottleneck on
+        # small models); versions come from the engine's spans, so streaming buys nothing here.
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, logprobs=0,
+                              ignore_eos=ignore_eos, detokenize=False,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def generate(self, context: Sequence[int], max_tokens: int, request_id: str, *,
+                       ignore_eos: bool = False) -> TurnOutput:
+        """Sample one model turn after ``context`` (token ids): up to ``max_tokens`` tokens, stopping at
+        EOS (which is returned as the last token). Cancelling the caller aborts the vLLM request."""
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(context)),
+                                           self._params(max_tokens, ignore_eos), request_id):
+            final = out
+        if final is None:
+            raise RuntimeError(f"vLLM request {request_id} ended without an output")
+        c = final.outputs[0]
+        ids = list(c.token_ids)
+        # logprobs=0 returns exactly the sampled token's entry at each position.
+        lps = [float(pos[tok].logprob) for tok, pos in zip(ids, c.logprobs)]
+        versions = spans_to_versions(c.weight_versions, len(ids)).tolist()
+        self.generated_tokens += len(ids)
+        return TurnOutput(ids, lps, versions, stopped=c.finish_reason == "stop")
+
+    async def load_weights(self, weights_dir: str | os.PathLike, version: int) -> float:
+        """Serve ``weights_dir/model.safetensors`` as ``version``; returns the pause-to-resume seconds.
+
+        In-flight requests are frozen (``pause_generation(mode="keep")``), the worker reloads in place
+        (``reload_weights``: on vLLM CPU ``model.load_weights`` on a loaded model fails, the worker's
+        reload re-runs the post-load repacking), the output label becomes ``version``, then generation
+        resumes. If the reload raises, generation stays paused and the error propagates: the engine
+        would otherwise serve half-loaded weights under the old label.
+        """
+        import asyncio
+
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            await self.llm.pause_generation(mode="keep", clear_cache=self.clear_cache_on_reload)
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
+            await self.llm.update_weight_version(str(version))
+            self.version = version
+            await self.llm.resume_generation()
+            self.reloads += 1
+            return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        """Stop the engine processes (idempotent)."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

@@ -1,0 +1,125 @@
+"""Engine mismatch, measured on the real engines: vLLM (CPU) behaviour logprobs vs transformers fp32.
+
+This is the floor of dcrl's discrepancy budget at lag 0. vLLM samples with ``logprobs_mode=
+"processed_logprobs"`` and ``SamplingParams(logprobs=0)`` (the sampled token's logprob after
+temperature); the trainer recomputes the same tokens in fp32. A float32 engine must agree closely;
+a bfloat16 engine must differ measurably (that gap is what the learner budgets).
+
+Each engine runs in its own subprocess (this file, run as a script): vLLM engines do not release
+their threads and memory reliably inside one process, and a crash stays contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs.schema import load_config
+
+# Same fast build as test_tiny_model.py (same settings and dir: whichever runs second reuses it).
+FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
+             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
+N_PROMPTS = 48
+MAX_TOKENS = 8
+TEMPERATURE = 1.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model built once per session with fast settings (same dir and settings as
+    test_tiny_model.py, so whichever runs second reuses the stamped build)."""
+    from learner.tiny import ensure_model
+
+    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"])
+    return ensure_model(cfg)
+
+
+def sample_prompts(tokenizer) -> list[list[int]]:
+    """Arithmetic problems and guess_number openings, as token ids."""
+    from actors.envs import make_env
+
+    texts = [make_env("arithmetic", {}).reset(s) for s in range(N_PROMPTS - 8)]
+    texts += ["guess 1-100:", "guess 1-100:50", "guess 1-100:50<eos>higher:"] * 2 + ["1+1=", "99+99="]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def vllm_worker(model_dir: str, dtype: str, out_path: str) -> None:
+    """Subprocess body: sample with vLLM in ``dtype``, write prompts, tokens and behaviour logprobs."""
+    from learner.tiny import vllm_cpu_env
+
+    os.environ.update(vllm_cpu_env(kv_cache_gb=1))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: one process to clean up
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=128,
+              logprobs_mode="processed_logprobs", seed=0)
+    prompts = sample_prompts(llm.get_tokenizer())
+    params = [SamplingParams(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, logprobs=0, seed=i)
+              for i in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    records = []
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+        records.append({"prompt": p, "tokens": list(c.token_ids), "logprobs": lps, "text": c.text})
+    Path(out_path).write_text(json.dumps(records))
+
+
+def run_vllm_subprocess(model_dir: Path, dtype: str, out_dir: Path) -> list[dict]:
+    out = out_dir / f"vllm-{dtype}.json"
+    proc = subprocess.run([sys.executable, __file__, str(model_dir), dtype, str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, f"vLLM {dtype} worker failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def trainer_logprobs(model, records: list[dict]) -> list[list[float]]:
+    """fp32 transformers logprobs (temperature applied) of each record's sampled tokens."""
+    import torch
+
+    result = []
+    with torch.no_grad():
+        for r in records:
+            ids = torch.tensor([r["prompt"] + r["tokens"]])
+            logits = model(input_ids=ids).logits[0, :-1].float() / TEMPERATURE
+            lp = torch.log_softmax(logits, -1)
+            targets = ids[0, 1:]
+            gathered = lp.gather(-1, targets[:, None])[:, 0]
+            result.append(gathered[len(r["prompt"]) - 1:].tolist())
+    return result
+
+
+def mean_abs_dlogp(records: list[dict], reference: list[list[float]]) -> float:
+    """mean over all sampled tokens of |log mu(a_t) - log pi(a_t)|."""
+    diffs = [abs(a - b) for r, ref in zip(records, reference) for a, b in zip(r["logprobs"], ref)]
+    assert diffs, "no sampled tokens"
+    return sum(diffs) / len(diffs)
+
+
+def test_engine_mismatch_fp32_small_bf16_large(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    figures = {}
+    for dtype in ("float32", "bfloat16"):
+        records = run_vllm_subprocess(tiny_model_dir, dtype, tmp_path)
+        assert sum(len(r["tokens"]) for r in records) >= N_PROMPTS  # at least one token each
+        # vLLM's incremental detokenizer yields exactly the text of the tokens (EOS excluded).
+        assert [r["text"] for r in records] == \
+            [tokenizer.decode(r["tokens"], skip_special_tokens=True) for r in records]
+        figures[dtype] = mean_abs_dlogp(records, trainer_logprobs(model, records))
+    print(f"\nengine mismatch mean |dlogp| vs transformers fp32: vLLM fp32 {figures['float32']:.2e}, "
+          f"vLLM bf16 {figures['bfloat16']:.2e}")
+    assert figures["float32"] < 1e-3
+    assert figures["bfloat16"] > 5 * figures["float32"]
+    assert figures["bfloat16"] > 1e-3
+
+
+if __name__ == "__main__":
+    vllm_worker(*sys.argv[1:4])
