@@ -1,4 +1,4 @@
-"""``python -m actors``: one actor process (vLLM engine + episodes + weight updates -> Redis stream).
+"""One dcrl actor process: a vLLM engine playing episodes, streaming groups to Redis, following weight updates.
 
     python -m actors --config tiny [--set actor.concurrency=16] [--actor-id actor-1]
 

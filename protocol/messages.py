@@ -229,12 +229,54 @@ _DTYPES = {"token_ids": TOKEN_DTYPE, "logprobs": LOGPROB_DTYPE, "versions": VERS
 
 
 def validate_group(g: TrajectoryGroup, *, vocab_size: int | None = None, current_version: int | None = None) -> None:
-    if not g.trajectories:
-        raise ProtocolError(f"group {g.group_id!r}: no trajectories")
+    """Validate all trajectories of a group in one vectorised pass over the joined arrays.
+
+    The reader validates every entry, so this is the data plane's hot path: a handful of numpy calls
+    per group instead of per trajectory. Only when the joint check fails does the per-trajectory
+    validation run, to name the trajectory and field at fault.
+    """
     if not g.group_id:
         raise ProtocolError("group_id is empty")
-    for i, t in enumerate(g.trajectories):
-        validate_trajectory(t, vocab_size=vocab_size, current_version=current_version, where=f"group {g.group_id!r} trajectory {i}")
+    if not g.trajectories:
+        raise ProtocolError(f"group {g.group_id!r}: no trajectories")
+    if not _group_ok(g, vocab_size, current_version):
+        for i, t in enumerate(g.trajectories):
+            validate_trajectory(t, vocab_size=vocab_size, current_version=current_version,
+                                where=f"group {g.group_id!r} trajectory {i}")
+        raise ProtocolError(f"group {g.group_id!r}: invalid")  # unreachable unless the two checks disagree
+
+
+def _group_ok(g: TrajectoryGroup, vocab_size: int | None, current_version: int | None) -> bool:
+    """True when every trajectory satisfies validate_trajectory's rules (checked jointly)."""
+    trajs = g.trajectories
+    lens = []
+    for t in trajs:
+        nb = len(t.token_ids)
+        if (nb == 0 or nb % 4 or len(t.logprobs) != nb or len(t.versions) != nb or len(t.loss_mask) * 4 != nb
+                or t.finish_reason not in FINISH_REASONS or not math.isfinite(t.reward)
+                or not 0 <= t.prompt_len <= nb // 4):
+            return False
+        if t.turn_starts and (t.turn_starts != sorted(t.turn_starts) or t.turn_starts[0] < 0
+                              or t.turn_starts[-1] >= nb // 4):
+            return False
+        lens.append(nb // 4)
+    ids = np.frombuffer(b"".join(t.token_ids for t in trajs), dtype=TOKEN_DTYPE)
+    lp = np.frombuffer(b"".join(t.logprobs for t in trajs), dtype=LOGPROB_DTYPE)
+    ver = np.frombuffer(b"".join(t.versions for t in trajs), dtype=VERSION_DTYPE)
+    mask = np.frombuffer(b"".join(t.loss_mask for t in trajs), dtype=MASK_DTYPE)
+    if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size) or mask.max() > 1:
+        return False
+    # Every trajectory needs at least one generated token.
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    if (np.maximum.reduceat(mask, starts) == 0).any():
+        return False
+    gen = mask.view(bool)
+    if not np.isfinite(lp).all():
+        return False
+    lp_gen, ver_gen = lp[gen], ver[gen]
+    if lp_gen.max() > 1e-4 or ver_gen.min() < 0:
+        return False
+    return current_version is None or ver_gen.max() <= current_version
 
 
 def validate_weights_ready(w: WeightsReady) -> None:

@@ -228,3 +228,19 @@ def test_control_and_weights_ready_rules():
         decode(encode(WeightsReady(version=1, path="/p", sha256="xyz")), WeightsReady)
     w = WeightsReady(version=1, path="/p", sha256="0" * 64)
     assert decode(encode(w), WeightsReady) == w
+
+
+def test_group_with_long_trajectories_is_valid():
+    # 300 generated tokens per trajectory: the joint check must not overflow a uint8 reduction.
+    n = 300
+    t = Trajectory.from_arrays(np.arange(n) % 50, np.full(n, -0.1), np.zeros(n), np.ones(n), reward=1.0)
+    g = TrajectoryGroup(group_id="long", actor_id="a", engine="e", env="x", seed=0, trajectories=[t, t])
+    assert decode_group(encode(g), vocab_size=64, current_version=0) == g
+
+
+def test_group_error_names_the_bad_trajectory():
+    good = Trajectory.from_arrays([1, 2], [0.0, -0.1], [-1, 0], [0, 1], reward=0.0)
+    bad = Trajectory.from_arrays([1, 2], [0.0, 0.5], [-1, 0], [0, 1], reward=0.0)
+    g = TrajectoryGroup(group_id="g", actor_id="a", engine="e", env="x", seed=0, trajectories=[good, bad])
+    with pytest.raises(ProtocolError, match="trajectory 1: positive logprob"):
+        decode_group(encode(g))
