@@ -26,6 +26,7 @@ their old-weight KV (faster, but tokens after the update attend to old activatio
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -243,5 +244,8 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the engine processes (idempotent)."""
         if self.llm is not None:
-            self.llm.shutdown()
+            # A generous grace period: on a busy 2-core machine the engine core needs more than vLLM's
+            # default 5 s to exit, and a force-killed one leaks its shared-memory segments.
+            self.llm.shutdown(timeout=30.0)
             self.llm = None
+            gc.collect()  # drop vLLM's objects now: their __del__ fails at interpreter teardown

@@ -171,7 +171,8 @@ def resolve_env_class(name: str) -> type:
     cls = getattr(module, attr, None)
     if cls is None:
         raise EnvError(f"env {name!r}: module {module_name!r} has no attribute {attr!r}")
-    if not isinstance(cls, type) or not (callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
+    has_api = callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))
+    if not isinstance(cls, type) or not has_api:
         raise EnvError(f"env {name!r}: {attr!r} is not an Env class (needs reset(seed) and step(action))")
     return cls
 

@@ -89,6 +89,16 @@ def build_tokenizer():
     )
 
 
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """tokenizer.json + tokenizer_config.json. The class is recorded as PreTrainedTokenizerFast, the
+    name transformers 4.x (GPU installs) and 5.x both resolve; 5.x alone would write its new name."""
+    tokenizer.save_pretrained(out_dir)
+    cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
 def build_model_config(tiny: "TinyModelConfig", vocab_size: int, tokenizer):
     """Qwen3 config for the tiny model: tied embeddings, fp32 weights, ids of the special tokens."""
     from transformers import Qwen3Config
@@ -117,7 +127,8 @@ def check_vllm_cpu_constraints(tiny: "TinyModelConfig") -> None:
     if tiny.head_dim not in supported:
         raise ValueError(f"model.tiny.head_dim={tiny.head_dim}: vLLM CPU attention supports {supported}")
     if tiny.num_heads % tiny.num_kv_heads:
-        raise ValueError(f"model.tiny.num_heads ({tiny.num_heads}) must be a multiple of num_kv_heads ({tiny.num_kv_heads})")
+        raise ValueError(f"model.tiny.num_heads ({tiny.num_heads}) must be a multiple of "
+                         f"num_kv_heads ({tiny.num_kv_heads})")
 
 
 # ---------------------------------------------------------------- warm-start data
@@ -195,7 +206,8 @@ def masked_nll(model, ids, loss_mask, attn):
 # ---------------------------------------------------------------- greedy evaluation (transformers)
 
 
-def greedy_turn(model, histories: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int) -> list[list[int]]:
+def greedy_turn(model, histories: list[list[int]], eos_id: int, pad_id: int,
+                max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each history until EOS (included) or max_new_tokens, batched.
 
     Left padding with explicit position ids, no KV cache: sequences are short and the model tiny,
@@ -293,16 +305,20 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) 
     rng = random.Random(seed)
     eval_seeds = [EVAL_SEED_BASE + i for i in range(tiny.warmstart_eval_episodes)]
     opt = torch.optim.AdamW(model.parameters(), lr=tiny.warmstart_lr, weight_decay=0.0)
-    n_guess = max(1, round(tiny.warmstart_batch * tiny.warmstart_guess_fraction)) if tiny.warmstart_guess_fraction > 0 else 0
+    n_guess = round(tiny.warmstart_batch * tiny.warmstart_guess_fraction)
+    if tiny.warmstart_guess_fraction > 0:
+        n_guess = max(1, n_guess)
     t0 = time.monotonic()
     acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
     step = 0
     while step < tiny.warmstart_steps and acc < tiny.warmstart_max_acc:
         model.train()
-        arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer) for _ in range(tiny.warmstart_batch)]
+        arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer)
+                 for _ in range(tiny.warmstart_batch)]
         loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
         if n_guess:
-            dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer) for _ in range(n_guess)]
+            dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer)
+                         for _ in range(n_guess)]
             loss = loss + masked_nll(model, *pad_batch(dialogues, tokenizer.pad_token_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -377,7 +393,7 @@ def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     digest = write_weights(model, out_dir)
     assert digest == sha256_file(out_dir / "model.safetensors")
     stamp = {"config_sha256": config_digest(cfg), "sha256": digest, "params": n_params, **result,
@@ -414,10 +430,15 @@ def ensure_model(cfg: "DcrlConfig", force: bool = False, log=print) -> Path:
             return path
         if path.exists() and any(path.iterdir()) and read_stamp(path) is None:
             raise RuntimeError(f"model.path {path} holds files not built by learner.tiny; "
-                               "refusing to overwrite it (point model.path elsewhere or set model.build_tiny=false)")
+                               "refusing to overwrite it (point model.path elsewhere or set "
+                               "model.build_tiny=false)")
         tmp = path.parent / f".{path.name}.build-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_model(cfg, tmp, log=log)
+        try:
+            build_tiny_model(cfg, tmp, log=log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-built dir left behind; the error goes on
+            raise
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -450,7 +471,8 @@ def vllm_cpu_env(kv_cache_gb: int = 1, threads: int | None = None) -> dict[str, 
     }
 
 
-def vllm_engine_kwargs(cfg: "DcrlConfig", model_dir: str | os.PathLike, dtype: str | None = None) -> dict[str, Any]:
+def vllm_engine_kwargs(cfg: "DcrlConfig", model_dir: str | os.PathLike,
+                       dtype: str | None = None) -> dict[str, Any]:
     """Engine arguments for the tiny model on vLLM: eager mode (no compile/graph capture: seconds,
     not minutes, to start on CPU), behaviour logprobs after temperature, the run's context length."""
     return {

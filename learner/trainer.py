@@ -205,6 +205,7 @@ class Learner:
             batch_groups=self.cfg.learner.batch_groups, stop=stop))
 
     def publish(self) -> None:
+        """Publish the current weights as ``version`` (files + ZMQ) and store the announcement in Redis."""
         w = self.publisher.publish(self.model, self.version)
         self.control.set_weights(w)
 
@@ -232,8 +233,8 @@ class Learner:
             if len(entries) < need and time.monotonic() > deadline:
                 raise RuntimeError(
                     f"learner: only {len(entries)}/{need} groups after {self.cfg.learner.wait_timeout_s:.0f}s "
-                    f"(learner.wait_timeout_s); are the actors running and pointed at {self.cfg.redis.url} "
-                    f"with prefix {self.cfg.redis.prefix!r}?")
+                    f"(learner.wait_timeout_s); are the actors running against the same redis.url and "
+                    f"redis.prefix ({self.cfg.redis.prefix!r})?")
         return entries, time.monotonic() - t0
 
     # -- one optimizer step

@@ -70,20 +70,33 @@ def vllm_worker(model_dir: str, dtype: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(records))
 
 
-def run_vllm_subprocess(model_dir: Path, dtype: str, out_dir: Path) -> list[dict]:
-    out = out_dir / f"vllm-{dtype}.json"
-    proc = subprocess.run([sys.executable, __file__, str(model_dir), dtype, str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, f"vLLM {dtype} worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
+def run_vllm_subprocesses(model_dir: Path, dtypes: tuple[str, ...], out_dir: Path) -> dict[str, list[dict]]:
+    """One worker subprocess per dtype, started together (engine start-up is mostly single-threaded
+    imports, so two overlap well on 2 cores); killed if the test fails or times out."""
+    repo = Path(__file__).resolve().parents[1]
+    outs = {d: out_dir / f"vllm-{d}.json" for d in dtypes}
+    procs = {d: subprocess.Popen([sys.executable, __file__, str(model_dir), d, str(outs[d])], cwd=repo,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dtypes}
+    try:
+        logs = {d: p.communicate(timeout=300)[0] for d, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for d, p in procs.items():
+        assert p.returncode == 0, f"vLLM {d} worker failed:\n{logs[d][-4000:]}"
+    return {d: json.loads(outs[d].read_text()) for d in dtypes}
 
 
 def trainer_logprobs(model, records: list[dict]) -> list[list[float]]:
     """fp32 transformers logprobs (temperature applied) of each record's sampled tokens."""
     import torch
 
+    from learner.tiny import torch_threads
+
     result = []
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):  # 2 contended OpenMP threads measured ~10x slower on 2 cores
         for r in records:
             ids = torch.tensor([r["prompt"] + r["tokens"]])
             logits = model(input_ids=ids).logits[0, :-1].float() / TEMPERATURE
@@ -107,8 +120,7 @@ def test_engine_mismatch_fp32_small_bf16_large(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     figures = {}
-    for dtype in ("float32", "bfloat16"):
-        records = run_vllm_subprocess(tiny_model_dir, dtype, tmp_path)
+    for dtype, records in run_vllm_subprocesses(tiny_model_dir, ("float32", "bfloat16"), tmp_path).items():
         assert sum(len(r["tokens"]) for r in records) >= N_PROMPTS  # at least one token each
         # vLLM's incremental detokenizer yields exactly the text of the tokens (EOS excluded).
         assert [r["text"] for r in records] == \

@@ -295,3 +295,19 @@ def test_learner_cli_fresh_discards_checkpoints(tmp_path, redis_url, tiny_dir, d
     assert learner.step == 0 and learner.version == 0
     assert not list_checkpoints(cfg.run.dir)
     assert read_metrics(cfg.run.dir / "metrics.jsonl") == []
+
+
+def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url, tiny_dir, data_model):
+    import torch
+
+    from buffer import GroupReader
+
+    cfg = learner_cfg(tmp_path, redis_url, tiny_dir, "learner.wait_timeout_s=0.5", "redis.read_block_ms=100")
+    push(cfg, make_groups(data_model, 1))  # one group of the two a step needs
+    learner = _bare_learner(cfg, data_model, torch.optim.SGD(data_model.parameters(), lr=0.0))
+    learner.reader = GroupReader(cfg.redis, "learner-0")
+    try:
+        with pytest.raises(RuntimeError, match=r"only 1/2 groups .*learner.wait_timeout_s"):
+            learner.collect()
+    finally:
+        learner.reader.close()

@@ -77,7 +77,6 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         assert r["staleness/max_allowed"] == 0
     # The actor loaded weights the learner published: later batches were sampled by versions > 0.
     assert max(r["staleness/newest_version"] for r in rows) >= 1, tail["actor"]
-    assert "loaded weights v" in tail["actor"] or "loaded weights v" in (tmp_path / "actor.log").read_text()
 
     cp = ControlPlane(cfg.redis)
     try:

@@ -29,6 +29,16 @@ def fast_config(path: Path, extra: list[str] = ()):
     return load_config("tiny", FAST_TINY + [f"model.path={path}", *extra])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module's forward passes: on the shared 2-core CI machine two
+    OpenMP threads competing with other processes were measured ~10x slower. Restored afterwards."""
+    from learner.tiny import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny model built once per session with fast settings."""
@@ -67,6 +77,9 @@ def test_tiny_model_dir_has_what_vllm_needs(tiny_model_dir):
     assert cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "generation_config.json"):
         assert (tiny_model_dir / name).is_file(), name
+    tok_cfg = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # resolvable by transformers 4.x and 5.x
+    assert tok_cfg["clean_up_tokenization_spaces"] is False  # would rewrite " ." to "." when decoding
 
 
 def test_warm_start_stops_at_target_accuracy(tiny_model_dir, hf_model, hf_tokenizer):
@@ -75,7 +88,8 @@ def test_warm_start_stops_at_target_accuracy(tiny_model_dir, hf_model, hf_tokeni
     assert stamp["sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
     # The saved weights reproduce the accuracy measured at the end of the warm start.
     seeds = [EVAL_SEED_BASE + i for i in range(100)]
-    assert evaluate_accuracy(hf_model, hf_tokenizer, "arithmetic", seeds) == pytest.approx(stamp["accuracy"])
+    # (abs 0.02: the build ran on 1 thread, this process may use more; a rare argmax flip is tolerated.)
+    assert evaluate_accuracy(hf_model, hf_tokenizer, "arithmetic", seeds) == pytest.approx(stamp["accuracy"], abs=0.02)
 
 
 def test_evaluate_accuracy_matches_unbatched_generate(hf_model, hf_tokenizer):
@@ -99,7 +113,7 @@ def test_evaluate_accuracy_matches_unbatched_generate(hf_model, hf_tokenizer):
 def test_warm_started_model_plays_guess_number(hf_model, hf_tokenizer):
     from learner.tiny import run_greedy_episodes
 
-    results = run_greedy_episodes(hf_model, hf_tokenizer, "guess_number", list(range(20)))
+    results = run_greedy_episodes(hf_model, hf_tokenizer, "guess_number", list(range(10)))
     # Dialogue format learned: every turn is parsed as a number (no "number?:" replies).
     assert all("number?:" not in r["text"] for r in results)
     assert all(r["text"].startswith("guess 1-100:") for r in results)
