@@ -172,6 +172,23 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def lag_share(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """Per step, the part of D the engine floor does not explain: max(D - floor, 0), attributed to policy lag.
+
+    The floor is the step's own lag-0 mean when the batch has lag-0 tokens, else the controller's running
+    estimate (``dcmdp/engine_floor``); steps with neither are left out."""
+    xs, ys = [], []
+    for r in rows:
+        total = r.get("discrepancy/total")
+        floor = r.get("discrepancy/engine")
+        if floor is None:
+            floor = r.get("dcmdp/engine_floor")
+        if isinstance(total, (int, float)) and isinstance(floor, (int, float)):
+            xs.append(r["step"])
+            ys.append(max(float(total) - float(floor), 0.0))
+    return xs, ys
+
+
 def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
     """Write the run's summary figure: reward, discrepancy (engine floor vs lag part), lambda,
     staleness (cap K and measured lag) and the masked-token fraction, each over learner steps."""
@@ -193,10 +210,9 @@ def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
     xs, total = _series(rows, "discrepancy/total")
     ax.plot(xs, total, label="D total")
     xe, engine = _series(rows, "discrepancy/engine")
-    ax.plot(xe, engine, label="D engine (lag 0)")
-    if xe == xs:
-        # What the engine floor does not explain is attributed to policy lag.
-        ax.plot(xs, [max(t - e, 0.0) for t, e in zip(total, engine)], label="D lag part")
+    ax.plot(xe, engine, ".-", label="D engine (lag-0 tokens)")
+    xl, lag_part = lag_share(rows)
+    ax.plot(xl, lag_part, label="D lag part")
     xd, delta = _series(rows, "dcmdp/delta")
     ax.plot(xd, delta, "k--", label="delta (tolerance)")
     ax.set_ylabel("discrepancy")

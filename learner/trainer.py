@@ -310,6 +310,7 @@ class Learner:
             **{f"discrepancy/lag{k}": mean for k, (mean, _) in sorted(stats.by_lag.items())},
             "dcmdp/lambda": out.lam, "dcmdp/beta": out.beta, "dcmdp/delta": out.delta, "dcmdp/err": out.err,
             "dcmdp/warmup": float(out.phase == "warmup"),
+            "dcmdp/engine_floor": nan_if_none(out.engine), "dcmdp/kappa": nan_if_none(out.kappa),
             "staleness/max_allowed": int(out.k), "staleness/mean": stats.mean_lag, "staleness/max": lag_max,
             "staleness/newest_version": int(v_gen.max()) if v_gen.numel() else -1,
             "staleness/oldest_version": int(v_gen.min()) if v_gen.numel() else -1,
@@ -347,10 +348,12 @@ class Learner:
             res = self.train_step([e.group for e in entries])
             self.unacked.extend(e.id for e in entries)
             self.last_out = res.out
-            if self.step % cfg.publish_every == 0 or self.step == cfg.steps:
-                self.publish()
-            self.write_control(res.out)
             row = res.row
+            if self.step % cfg.publish_every == 0 or self.step == cfg.steps:
+                t0 = time.perf_counter()
+                self.publish()
+                row["time/publish_s"] = time.perf_counter() - t0
+            self.write_control(res.out)
             row["time/wait_for_data_s"] = wait_s
             row["throughput/tokens_per_s"] = row["tokens/generated"] / max(wait_s + row["time/step_s"], 1e-9)
             row["throughput/learner_tokens_per_s"] = row["tokens/total"] / max(row["time/step_s"], 1e-9)

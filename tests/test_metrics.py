@@ -107,3 +107,15 @@ def test_metrics_wandb_offline_writes_under_run_dir_and_resumes_same_id(tmp_path
     run_id = (tmp_path / "wandb_id").read_text().strip()
     runs = sorted(p.name for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-"))
     assert runs and all(name.endswith(run_id) for name in runs)
+
+
+def test_metrics_lag_share_uses_step_floor_else_running_floor():
+    from learner.metrics import lag_share
+
+    rows = [{"step": 1, "discrepancy/total": 0.05, "discrepancy/engine": 0.01},
+            {"step": 2, "discrepancy/total": 0.08, "discrepancy/engine": None, "dcmdp/engine_floor": 0.02},
+            {"step": 3, "discrepancy/total": 0.01, "discrepancy/engine": 0.03},
+            {"step": 4, "discrepancy/total": 0.02}]
+    xs, ys = lag_share(rows)
+    assert xs == [1, 2, 3]
+    assert [round(y, 6) for y in ys] == [0.04, 0.06, 0.0]
