@@ -30,6 +30,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from learner.discrepancy import fit_lag_slope
+
 if TYPE_CHECKING:
     from configs.schema import ControllerConfig
     from learner.discrepancy import DiscrepancyStats
@@ -162,8 +164,8 @@ class DCMDPController:
     lambda_init (the PID integral starts there too).
 
     The throttle uses exponential averages (weight ``fit_alpha`` on the newest batch) of the engine floor
-    (lag-0 mean, else the fitted intercept clipped at 0) and of the lag slope, so that one batch that
-    happens to hold a single lag does not drop the estimate.
+    (lag-0 mean, else the fitted intercept clipped at 0) and of the lag slope. A batch whose lags fit no
+    slope (a single lag bucket) contributes the slope fitted across recent batches' per-lag averages.
 
     Baseline modes never move: lambda = 0, K = K_max (``sync``: K = 0), beta = the mode's fixed bound.
     An observation with no tokens changes nothing and returns the last output.
@@ -179,6 +181,7 @@ class DCMDPController:
         self.pid = PIDState(integral=self.lam)
         self.engine: float | None = None
         self.kappa: float | None = None
+        self.lag_curve: dict[int, tuple[float, float]] = {}  # lag -> (averaged D, averaged token count)
         self.last: ControllerOutput | None = None
 
     @property
@@ -196,7 +199,23 @@ class DCMDPController:
         if floor is None and stats.engine_fit is not None:
             floor = max(stats.engine_fit, 0.0)
         self.engine = ema_update(self.engine, floor, self.cfg.fit_alpha)
-        self.kappa = ema_update(self.kappa, stats.kappa, self.cfg.fit_alpha)
+        self._remember_lags(stats.by_lag)
+        kappa = stats.kappa
+        if kappa is None:
+            # A batch usually holds one or two lags (the actors run at one version most of the time), so
+            # its own fit often has no slope; fit across the recent batches' per-lag averages instead.
+            kappa = fit_lag_slope({lag: (m, n) for lag, (m, n) in self.lag_curve.items()})[1]
+        self.kappa = ema_update(self.kappa, kappa, self.cfg.fit_alpha)
+
+    def _remember_lags(self, by_lag: dict[int, tuple[float, int]]) -> None:
+        """Exponential averages (weight ``fit_alpha`` on the newest batch) of D and token count per lag."""
+        a = self.cfg.fit_alpha
+        for lag, (mean, count) in by_lag.items():
+            if count <= 0 or not math.isfinite(mean):
+                continue
+            old = self.lag_curve.get(lag)
+            self.lag_curve[lag] = (mean, float(count)) if old is None else (
+                a * mean + (1 - a) * old[0], a * count + (1 - a) * old[1])
 
     def _dual_update(self, d: float, err: float, delta: float) -> float:
         cfg = self.cfg
@@ -249,6 +268,7 @@ class DCMDPController:
         return {"format": STATE_FORMAT, "mode": self.cfg.mode, "n_observed": self.n_observed,
                 "lam": self.lam, "delta": self.delta, "warmup_floors": list(self.warmup_floors),
                 "pid": asdict(self.pid), "engine": self.engine, "kappa": self.kappa,
+                "lag_curve": [[lag, m, n] for lag, (m, n) in sorted(self.lag_curve.items())],
                 "last": None if self.last is None else asdict(self.last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -268,4 +288,5 @@ class DCMDPController:
         self.pid = PIDState(**state["pid"])
         self.engine = state["engine"]
         self.kappa = state["kappa"]
+        self.lag_curve = {int(lag): (float(m), float(n)) for lag, m, n in state.get("lag_curve", [])}
         self.last = None if state["last"] is None else ControllerOutput(**state["last"])

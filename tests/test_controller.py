@@ -261,3 +261,17 @@ def test_controller_auto_delta_zero_floor_raises():
     c = ctl.DCMDPController(_cfg(delta="auto"))
     with pytest.raises(ValueError, match="set controller.delta explicitly"):
         c.observe(_stats(0.0, engine=0.0))
+
+
+def test_controller_fits_lag_slope_across_batches_of_single_lags():
+    # Each batch holds one lag only (no slope of its own); the lag curve across batches still gives kappa.
+    c = ctl.DCMDPController(ControllerConfig(delta=0.02, warmup_steps=1, fit_alpha=1.0))
+    for lag, d in ((0, 0.004), (1, 0.010), (2, 0.016), (1, 0.010)):
+        stats = DiscrepancyStats(metric="abs_prob", total=d, engine=d if lag == 0 else None, engine_fit=None,
+                                 kappa=None, max_token=d, ess=1.0, k1=0.0, k2=0.0, k3=0.0, abs_prob=d,
+                                 mean_lag=float(lag), n_tokens=100, by_lag={lag: (d, 100)})
+        out = c.observe(stats)
+    assert out.kappa == pytest.approx(0.006)
+    restored = ctl.DCMDPController(ControllerConfig(delta=0.02, warmup_steps=1, fit_alpha=1.0))
+    restored.load_state_dict(json.loads(json.dumps(c.state_dict())))
+    assert restored.lag_curve == c.lag_curve

@@ -1,0 +1,135 @@
+"""Actor rules as pure functions (no vLLM): identity, GPU pick, token budgets, version spans, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from actors.actor import (EpisodeLimits, TokenLog, episode_room, group_seed, groups_in_flight_limit, replica_index,
+                          resolve_actor_id, turn_budget)
+from actors.engine import engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
+from configs.schema import load_config
+from protocol.messages import decode_group, encode, TrajectoryGroup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_resolve_actor_id_precedence_cli_env_honcho_default():
+    env = {"DCRL_ACTOR_ID": "from-env", "PS": "actor.2"}
+    assert resolve_actor_id("cli-7", env) == "cli-7"
+    assert resolve_actor_id(None, env) == "from-env"
+    assert resolve_actor_id(None, {"PS": "actor.2"}) == "actor-2"
+    assert resolve_actor_id(None, {}) == "actor-0"
+
+
+def test_replica_index_is_trailing_number_or_zero():
+    assert replica_index("actor-3") == 3
+    assert replica_index("actor-12") == 12
+    assert replica_index("worker") == 0
+
+
+def test_pick_gpu_uses_replica_modulo_visible_and_override():
+    assert pick_gpu(0, None, ["0", "1", "2", "3"]) == "0"
+    assert pick_gpu(5, None, ["0", "1", "2", "3"]) == "1"
+    assert pick_gpu(3, None, ["6"]) == "6"  # a Ray replica sees exactly its own GPU
+    assert pick_gpu(0, 2, ["4", "5", "6"]) == "6"
+    with pytest.raises(ValueError, match="actor.gpu=3"):
+        pick_gpu(0, 3, ["0", "1"])
+    with pytest.raises(ValueError):
+        pick_gpu(0, None, [])
+
+
+def test_visible_gpus_reads_cuda_visible_devices():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def test_engine_tag_and_args_follow_config():
+    cfg = load_config("tiny", ["actor.dtype=bfloat16", "actor.concurrency=12", "actor.seed=5"], env={})
+    assert engine_tag("cpu", "bfloat16") == "vllm-cpu/bf16"
+    assert engine_tag("cuda", "float32") == "vllm-cuda/fp32"
+    cpu = engine_args(cfg, "/m", "cpu", replica=2)
+    assert cpu["logprobs_mode"] == "processed_logprobs" and cpu["enable_prefix_caching"]
+    assert cpu["enforce_eager"] is True and cpu["seed"] == 7 and cpu["max_num_seqs"] == 12
+    assert cpu["max_model_len"] == cfg.model.max_seq_len and "gpu_memory_utilization" not in cpu
+    gpu = engine_args(cfg, "/m", "cuda")
+    assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == cfg.actor.gpu_memory_utilization
+
+
+def test_turn_budget_is_min_of_turn_episode_and_context_limits():
+    lim = EpisodeLimits(max_tokens_per_turn=8, max_tokens_per_episode=20, max_turns=5, max_seq_len=30)
+    assert turn_budget(lim, context_len=6, prompt_len=6) == 8  # per-turn limit binds
+    assert turn_budget(lim, context_len=21, prompt_len=6) == 5  # episode budget: 6 + 20 - 21
+    assert turn_budget(lim, context_len=26, prompt_len=12) == 4  # model context: 30 - 26
+    assert turn_budget(lim, context_len=26, prompt_len=6) == 0
+    assert episode_room(lim, context_len=21, prompt_len=6) == 5
+    assert episode_room(lim, context_len=21, prompt_len=12) == 9
+
+
+def test_token_log_layout_masks_logprobs_versions():
+    log = TokenLog()
+    log.add_observation([5, 6, 7])
+    log.add_turn([8, 2], [-0.5, -0.1], [0, 1])
+    log.add_observation([9])
+    log.add_turn([10, 2], [-1.0, -0.2], [1, 1])
+    t = log.to_trajectory(reward=0.5, finish_reason="stop", prompt_len=3)
+    # The trajectory must survive the wire format's validation.
+    group = decode_group(encode(TrajectoryGroup(group_id="g", actor_id="a", engine="e", env="x", seed=0,
+                                                trajectories=[t])), vocab_size=16, current_version=1)
+    t = group.trajectories[0]
+    assert t.tokens_np.tolist() == [5, 6, 7, 8, 2, 9, 10, 2]
+    assert t.mask_np.tolist() == [0, 0, 0, 1, 1, 0, 1, 1]
+    assert t.versions_np.tolist() == [-1, -1, -1, 0, 1, -1, 1, 1]
+    np.testing.assert_allclose(t.logprobs_np, [0, 0, 0, -0.5, -0.1, 0, -1.0, -0.2], rtol=1e-6)
+    assert t.turn_starts == [3, 6] and t.prompt_len == 3 and t.reward == 0.5
+
+
+def test_group_seed_differs_across_actors_sessions_and_groups():
+    seeds = {group_seed(0, a, s, n) for a in ("actor-0", "actor-1") for s in ("aa", "bb") for n in range(50)}
+    assert len(seeds) == 200
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert group_seed(0, "actor-0", "aa", 3) == group_seed(0, "actor-0", "aa", 3)
+
+
+def test_groups_in_flight_limit_keeps_one_spare_group():
+    assert groups_in_flight_limit(32, 8) == 5
+    assert groups_in_flight_limit(12, 8) == 3
+    assert groups_in_flight_limit(4, 8) == 2
+
+
+def test_spans_to_versions_tiles_or_raises():
+    span = lambda v, s, e: SimpleNamespace(version=v, start=s, end=e)  # noqa: E731 - vLLM's WeightVersionSpan
+    assert spans_to_versions([span("3", 0, 2), span("4", 2, 5)], 5).tolist() == [3, 3, 4, 4, 4]
+    assert spans_to_versions(None, 0).tolist() == []
+    with pytest.raises(RuntimeError, match="no weight-version spans"):
+        spans_to_versions(None, 3)
+    with pytest.raises(RuntimeError, match="cover 2 of 3"):
+        spans_to_versions([span("0", 0, 2)], 3)
+    with pytest.raises(RuntimeError, match="tile"):
+        spans_to_versions([span("0", 0, 1), span("1", 2, 3)], 3)
+
+
+def test_actor_cli_help_is_fast_and_imports_no_engine():
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "actors", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 0 and "--actor-id" in out.stdout
+    assert elapsed < 2.0, f"--help took {elapsed:.2f}s"
+    probe = subprocess.run([sys.executable, "-c", "import sys, actors.__main__, actors.actor, actors.engine, "
+                            "actors.weights; print(sorted(m for m in ('torch', 'vllm', 'transformers') "
+                            "if m in sys.modules))"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stderr
+
+
+def test_actor_cli_bad_config_names_field():
+    out = subprocess.run([sys.executable, "-m", "actors", "--set", "actor.concurrency=0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "actor.concurrency" in out.stderr
