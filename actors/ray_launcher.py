@@ -18,6 +18,7 @@ local node register the loopback address instead of the network interface's).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(run_dir / "logs" / f"actor-{i}.log"))
         for i in range(n)
     ]
+    pids = {"learner": ray.get(learner.pids.remote())}
+    pids.update({f"actor-{i}": ray.get(a.pids.remote()) for i, a in enumerate(actors)})
+    # (Ray worker pid, role pid) per replica: what an operator (or the restart test) kills.
+    (run_dir / "logs" / "pids.json").write_text(json.dumps(pids))
     print(f"[ray] learner + {n} actor replicas started; logs in {run_dir / 'logs'}", flush=True)
     deadline = None if args.timeout_s is None else time.monotonic() + args.timeout_s
     rc = None

@@ -1,0 +1,158 @@
+"""``python -m actors`` as a real process against real Redis and the learner's real weight publisher.
+
+One actor run walks through the life of an actor (one engine start for all of it):
+waiting for the learner -> admits exactly the capacity -> idles at the staleness cap -> refuses a
+tampered weight file (keeps its version) -> resumes when Control.version advances -> loads good
+weights announced over ZMQ (new groups carry the new version) -> SIGTERM while producing: exit 0 and
+only whole groups in the stream, the admission counter equal to what was streamed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from buffer.server import free_port
+from configs.schema import load_config
+from protocol.messages import Control, WeightsReady, decode_group
+
+ROOT = Path(__file__).resolve().parents[1]
+# Same fast build and directory as test_engine_mismatch.py / test_actor_engine.py.
+FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
+             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
+G = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from learner.tiny import ensure_model
+
+    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"], env={})
+    return ensure_model(cfg, log=lambda *a: None)
+
+
+def wait_for(pred, timeout_s: float, what: str, log_path: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n--- actor log ---\n"
+                         + log_path.read_text()[-5000:])
+
+
+def perturbed_model(src_dir, scale: float, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_dir):
+    from buffer import ControlPlane
+    from learner.publisher import WeightPublisher, write_version_dir
+
+    overrides = FAST_TINY + [
+        f"model.path={tiny_dir}", f"redis.url={redis_url}", "redis.prefix=proc", "env.name=arithmetic",
+        f"actor.group_size={G}", "actor.concurrency=8", "actor.status_interval_s=0.5",
+        "actor.admission_poll_s=0.05", "actor.weights_poll_s=0.3", f"actor.weights_cache_dir={tmp_path / 'cache'}",
+        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+    ]
+    cfg = load_config("tiny", overrides, env={})
+    control = ControlPlane(cfg.redis)
+    control.reset()
+    run_dir = tmp_path / "run"
+    publisher = WeightPublisher(cfg.learner, run_dir, tiny_dir)
+    log_path = tmp_path / "actor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "actors", "--config", "tiny", "--actor-id", "actor-3",
+           *[a for o in overrides for a in ("--set", o)]]
+    log_f = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_f, stderr=subprocess.STDOUT)
+    log = lambda: log_path.read_text()  # noqa: E731
+    streamed = lambda: control.client.xlen(control.keys.traj)  # noqa: E731
+
+    def groups(current_version):
+        return [decode_group(f[b"data"], current_version=current_version)
+                for _, f in control.client.xrange(control.keys.traj)]
+
+    def gen_versions(gs):
+        return {int(v) for g in gs for t in g.trajectories for v in t.versions_np[t.mask_np == 1]}
+
+    try:
+        # 1. No Control yet: the engine starts and the actor idles without admitting anything.
+        wait_for(lambda: "idle: waiting for learner" in log(), 240, "the idle status line", log_path)
+        assert streamed() == 0 and control.counters()["produced"] == 0
+
+        # 2. V=0, K=0, 2 groups per step: capacity 2. Exactly 2 groups, then it idles at the cap.
+        control.write_control(Control(version=0, max_staleness=0, batch_groups=2))
+        wait_for(lambda: streamed() == 2, 60, "2 groups", log_path)
+        wait_for(lambda: "idle: at staleness cap K=0" in log(), 10, "the staleness-cap status line", log_path)
+        time.sleep(1.0)
+        assert streamed() == 2 and control.counters()["produced"] == 2
+        first = groups(0)
+        assert all(g.actor_id == "actor-3" and g.engine == "vllm-cpu/bf16" and len(g.trajectories) == G
+                   for g in first)
+        assert gen_versions(first) == {0}
+
+        # 3. A tampered v1: announced with the digest of the file as written, then the file is corrupted.
+        model1 = perturbed_model(tiny_dir, 0.05, seed=1)
+        d1, sha1 = write_version_dir(model1, run_dir, 1, tiny_dir)
+        publisher.files.remember(1, sha1)
+        f = d1 / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+        control.set_weights(WeightsReady(version=1, path=str(d1), sha256=sha1, url=cfg.learner.zmq_files))
+        wait_for(lambda: "REFUSED weights v1" in log(), 30, "the refusal", log_path)
+
+        # 4. The learner advances (V=1): capacity 4, two more groups, still sampled by version 0.
+        control.write_control(Control(version=1, max_staleness=0, batch_groups=2))
+        wait_for(lambda: streamed() == 4, 60, "4 groups", log_path)
+        assert gen_versions(groups(1)[2:]) == {0}, "the refused weights were used"
+
+        # 5. Good v2 over ZMQ (and Redis): loaded; groups admitted after it carry version 2.
+        w2 = publisher.publish(perturbed_model(tiny_dir, 0.01, seed=2), 2)
+        control.set_weights(w2)
+        wait_for(lambda: "loaded weights v2" in log(), 30, "the v2 load", log_path)
+        control.write_control(Control(version=2, max_staleness=0, batch_groups=2))
+        wait_for(lambda: streamed() == 6, 60, "6 groups", log_path)
+        assert gen_versions(groups(2)[4:]) == {2}
+
+        # 6. Open the gate wide, then SIGTERM mid-production.
+        control.write_control(Control(version=2, max_staleness=1000, batch_groups=2))
+        wait_for(lambda: streamed() >= 8, 60, "production to resume", log_path)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log_f.close()
+        publisher.close()
+    text = log_path.read_text()
+    assert rc == 0, text[-5000:]
+    assert "stopped (signal)" in text
+    final = groups(2)  # every entry decodes and validates: nothing half-written
+    assert all(len(g.trajectories) == G for g in final)
+    assert len({g.group_id for g in final}) == len(final)
+    counters = control.counters()
+    assert counters["produced"] == len(final), f"admitted but never streamed: {counters} vs {len(final)}"
+    assert int(control.client.hget(control.keys.control, "held:actor-3") or 0) == 0
+    for g in final:
+        for t in g.trajectories:
+            assert (t.logprobs_np[t.mask_np == 1] <= 0).all() and np.isfinite(t.logprobs_np).all()
+    control.close()
