@@ -343,6 +343,7 @@ class Learner:
     def run(self) -> None:
         """Train until ``learner.steps``, checkpoint, write Control(stop=True), write the report."""
         cfg = self.cfg.learner
+        t_start = time.monotonic()
         while self.step < cfg.steps:
             entries, wait_s = self.collect()
             res = self.train_step([e.group for e in entries])
@@ -355,6 +356,7 @@ class Learner:
                 row["time/publish_s"] = time.perf_counter() - t0
             self.write_control(res.out)
             row["time/wait_for_data_s"] = wait_s
+            row["time/elapsed_s"] = time.monotonic() - t_start  # since this process started training
             row["throughput/tokens_per_s"] = row["tokens/generated"] / max(wait_s + row["time/step_s"], 1e-9)
             row["throughput/learner_tokens_per_s"] = row["tokens/total"] / max(row["time/step_s"], 1e-9)
             self.metrics.log(row)
