@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Fast warm start for tests: stop at 5% held-out accuracy (~100 steps, seconds on one core).
+FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
+             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
+# No warm start at all: random weights, for tests of the training machinery rather than of learning.
+RANDOM_TINY = ["model.tiny.warmstart_steps=0", "model.tiny.warmstart_eval_episodes=10"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model, briefly warm-started, built once per test session."""
+    from configs import load_config
+    from learner.tiny import ensure_model
+
+    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"], env={})
+    return ensure_model(cfg, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def random_tiny_dir(tmp_path_factory) -> Path:
+    """The tiny model with random weights (no warm start), built once per test session."""
+    from configs import load_config
+    from learner.tiny import ensure_model
+
+    cfg = load_config("tiny", RANDOM_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-random'}"],
+                      env={})
+    return ensure_model(cfg, log=lambda *a: None)
 
 
 @pytest.fixture

@@ -6,27 +6,16 @@ import json
 import random
 
 import numpy as np
-import pytest
 
-from configs.schema import load_config
 from learner.checkpoint import list_checkpoints, load_latest, save_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from learner.tiny import ensure_model
 
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    cfg = load_config("tiny", [f"model.path={path}", "model.tiny.warmstart_steps=0",
-                               "model.tiny.warmstart_eval_episodes=10"])
-    return ensure_model(cfg, log=lambda *a: None)
-
-
-def _model_and_opt(tiny_dir):
+def _model_and_opt(random_tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(random_tiny_dir), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, opt
 
@@ -41,17 +30,17 @@ def _train_a_bit(model, opt, steps=2):
         opt.step()
 
 
-def test_checkpoint_round_trip_restores_weights_optimizer_rng_state(tiny_dir, tmp_path):
+def test_checkpoint_round_trip_restores_weights_optimizer_rng_state(random_tiny_dir, tmp_path):
     import torch
 
-    model, opt = _model_and_opt(tiny_dir)
+    model, opt = _model_and_opt(random_tiny_dir)
     _train_a_bit(model, opt)
     torch.manual_seed(5), random.seed(6), np.random.seed(7)
     state = {"version": 9, "controller": {"lam": 0.25}, "metrics_offset": 123, "trained_ids": ["1-0", "2-0"]}
     path = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, state=state)
     expected_draws = (torch.rand(3), random.random(), np.random.rand())
 
-    model2, opt2 = _model_and_opt(tiny_dir)  # fresh weights, empty optimizer, other RNG positions
+    model2, opt2 = _model_and_opt(random_tiny_dir)  # fresh weights, empty optimizer, other RNG positions
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     ck = load_latest(tmp_path)
     assert ck.path == path and ck.step == 2 and ck.version == 9
@@ -77,8 +66,8 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_state(tiny_dir, tm
         assert torch.equal(a, b), k
 
 
-def test_checkpoint_latest_pointer_and_pruning(tiny_dir, tmp_path):
-    model, opt = _model_and_opt(tiny_dir)
+def test_checkpoint_latest_pointer_and_pruning(random_tiny_dir, tmp_path):
+    model, opt = _model_and_opt(random_tiny_dir)
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, model=model, optimizer=opt, state={"version": step}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]

@@ -17,26 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from configs.schema import load_config
 
-# Same fast build as test_tiny_model.py (same settings and dir: whichever runs second reuses it).
-FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
 N_PROMPTS = 48
 MAX_TOKENS = 8
 TEMPERATURE = 1.0
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model built once per session with fast settings (same dir and settings as
-    test_tiny_model.py, so whichever runs second reuses the stamped build)."""
-    from learner.tiny import ensure_model
-
-    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"])
-    return ensure_model(cfg)
 
 
 def sample_prompts(tokenizer) -> list[list[int]]:

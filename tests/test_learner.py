@@ -19,20 +19,13 @@ from protocol.messages import Control, Trajectory, TrajectoryGroup
 TINY = ["model.tiny.warmstart_steps=0", "model.tiny.warmstart_eval_episodes=10"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from learner.tiny import ensure_model
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    return ensure_model(load_config("tiny", [f"model.path={path}", *TINY]), log=lambda *a: None)
-
 
 @pytest.fixture(scope="module")
-def data_model(tiny_dir):
+def data_model(random_tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(random_tiny_dir), dtype=torch.float32)
 
 
 def learner_cfg(tmp_path, redis_url, model_dir, *extra):
@@ -150,7 +143,7 @@ def _bare_learner(cfg, model, optimizer):
 
 
 @pytest.mark.parametrize("mode", ["dcmdp", "mis"])
-def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, tiny_dir, data_model, mode):
+def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, random_tiny_dir, data_model, mode):
     """Token-level aggregation: gradients accumulated over micro-batches equal the one-pass gradient."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -158,9 +151,9 @@ def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, tiny_dir,
     groups = make_groups(data_model, 2, group_size=4, versions=(0, 1), seed=3)
     grads = []
     for mb in (1, 3, 64):
-        cfg = learner_cfg(tmp_path, "redis://127.0.0.1:1/0", tiny_dir, f"learner.micro_batch={mb}",
+        cfg = learner_cfg(tmp_path, "redis://127.0.0.1:1/0", random_tiny_dir, f"learner.micro_batch={mb}",
                           f"controller.mode={mode}")
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(random_tiny_dir), dtype=torch.float32)
         learner = _bare_learner(cfg, model, torch.optim.SGD(model.parameters(), lr=0.0))
         learner.version = 2
         res = learner.train_step(groups)
@@ -176,7 +169,7 @@ def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, tiny_dir,
 # ---------------------------------------------------------------- the loop through Redis
 
 
-def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_path, redis_url, tiny_dir, data_model):
+def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_path, redis_url, random_tiny_dir, data_model):
     import torch
     from safetensors.torch import load_file
 
@@ -186,8 +179,8 @@ def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_pat
     from learner.trainer import setup
     from learner.weights_io import sha256_file
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir)
-    ids = push(cfg, make_groups(data_model, 6))
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir)
+    push(cfg, make_groups(data_model, 6))
     learner = setup(cfg)
     before = {k: p.detach().clone() for k, p in learner.model.named_parameters()}
     cp = ControlPlane(cfg.redis)
@@ -228,11 +221,11 @@ def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_pat
     assert write_report(cfg.run.dir).stat().st_size > 10_000
 
 
-def test_learner_resume_continues_steps_versions_and_optimizer(tmp_path, redis_url, tiny_dir, data_model):
+def test_learner_resume_continues_steps_versions_and_optimizer(tmp_path, redis_url, random_tiny_dir, data_model):
     from buffer import ControlPlane
     from learner.trainer import setup
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir, "learner.steps=2")
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "learner.steps=2")
     push(cfg, make_groups(data_model, 4))
     learner = setup(cfg)
     try:
@@ -241,7 +234,7 @@ def test_learner_resume_continues_steps_versions_and_optimizer(tmp_path, redis_u
         learner.close()
     lam_after_2 = learner.controller.lam
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir, "learner.steps=4")
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "learner.steps=4")
     push(cfg, make_groups(data_model, 4, seed=1))
     learner = setup(cfg)
     assert (learner.step, learner.version) == (2, 2)
@@ -261,11 +254,11 @@ def test_learner_resume_continues_steps_versions_and_optimizer(tmp_path, redis_u
     assert stream_state(cfg) == (0, 0)
 
 
-def test_learner_fresh_start_resets_leftover_control_of_older_run(tmp_path, redis_url, tiny_dir, data_model):
+def test_learner_fresh_start_resets_leftover_control_of_older_run(tmp_path, redis_url, random_tiny_dir, data_model):
     from buffer import ControlPlane
     from learner.trainer import setup
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir)
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir)
     push(cfg, make_groups(data_model, 1))
     cp = ControlPlane(cfg.redis)
     cp.write_control(Control(version=7, max_staleness=2))
@@ -277,12 +270,12 @@ def test_learner_fresh_start_resets_leftover_control_of_older_run(tmp_path, redi
     assert stream_state(cfg)[0] == 0  # the older run's entries went with the reset
 
 
-def test_learner_cli_fresh_discards_checkpoints(tmp_path, redis_url, tiny_dir, data_model):
+def test_learner_cli_fresh_discards_checkpoints(tmp_path, redis_url, random_tiny_dir, data_model):
     """``--fresh`` removes the run's checkpoints and metrics: setup(fresh=True) starts at step 0."""
     from learner.checkpoint import list_checkpoints
     from learner.trainer import setup
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir, "learner.steps=1")
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "learner.steps=1")
     push(cfg, make_groups(data_model, 2))
     learner = setup(cfg)
     try:
@@ -297,12 +290,12 @@ def test_learner_cli_fresh_discards_checkpoints(tmp_path, redis_url, tiny_dir, d
     assert read_metrics(cfg.run.dir / "metrics.jsonl") == []
 
 
-def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url, tiny_dir, data_model):
+def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url, random_tiny_dir, data_model):
     import torch
 
     from buffer import GroupReader
 
-    cfg = learner_cfg(tmp_path, redis_url, tiny_dir, "learner.wait_timeout_s=0.5", "redis.read_block_ms=100")
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "learner.wait_timeout_s=0.5", "redis.read_block_ms=100")
     push(cfg, make_groups(data_model, 1))  # one group of the two a step needs
     learner = _bare_learner(cfg, data_model, torch.optim.SGD(data_model.parameters(), lr=0.0))
     learner.reader = GroupReader(cfg.redis, "learner-0")

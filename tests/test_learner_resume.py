@@ -12,7 +12,7 @@ from pathlib import Path
 
 from buffer.server import free_port
 from learner.metrics import read_metrics
-from test_learner import TINY, data_model, make_groups, push, stream_state, tiny_dir  # noqa: F401 (fixtures)
+from test_learner import TINY, data_model, make_groups, push, stream_state  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def run_learner(overrides: list[str], timeout: float = 240) -> subprocess.Comple
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_learner_sigkill_before_checkpoint_then_restart_trains_each_entry_once(tmp_path, redis_url, tiny_dir,
+def test_learner_sigkill_before_checkpoint_then_restart_trains_each_entry_once(tmp_path, redis_url, random_tiny_dir,
                                                                                   data_model):
     from buffer import ControlPlane
     from configs.schema import load_config
@@ -33,7 +33,7 @@ def test_learner_sigkill_before_checkpoint_then_restart_trains_each_entry_once(t
 
     overrides = [
         f"run.root={tmp_path / 'runs'}", "run.name=crash", f"redis.url={redis_url}", "redis.prefix=crash",
-        f"model.path={tiny_dir}", *TINY,
+        f"model.path={random_tiny_dir}", *TINY,
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
         "learner.wandb_mode=disabled", "learner.progress=false", "learner.batch_groups=2", "learner.micro_batch=4",
         "learner.steps=4", "learner.checkpoint_every=2", "learner.keep_checkpoints=5",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from learner.metrics import (REQUIRED_KEYS, MetricsLogger, plot_report, progress_postfix, read_metrics,
-                             truncate_metrics, write_report)
+                             truncate_metrics)
 
 ROOT = Path(__file__).resolve().parents[1]
 

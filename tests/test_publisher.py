@@ -14,31 +14,21 @@ from learner.weights_io import WEIGHTS_FILE, sha256_file
 from protocol.messages import ChunkHeader, FetchChunk, WeightsReady, decode, encode
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Qwen3 model dir with tokenizer, random weights (no warm start: seconds, not minutes)."""
-    from learner.tiny import ensure_model
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    cfg = load_config("tiny", [f"model.path={path}", "model.tiny.warmstart_steps=0",
-                               "model.tiny.warmstart_eval_episodes=10"])
-    return ensure_model(cfg, log=lambda *a: None)
-
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
+def model(random_tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(random_tiny_dir), dtype=torch.float32)
 
 
 @pytest.fixture
-def publisher(tmp_path, tiny_dir):
+def publisher(tmp_path, random_tiny_dir):
     lcfg = load_config("tiny", [f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}",
                                 f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
                                 "learner.keep_versions=2"]).learner
-    pub = WeightPublisher(lcfg, tmp_path / "run", tiny_dir)
+    pub = WeightPublisher(lcfg, tmp_path / "run", random_tiny_dir)
     yield pub
     pub.close()
 
@@ -53,7 +43,7 @@ def test_publish_fetch_returns_same_bytes_and_sha(publisher, model, tmp_path):
     assert path.read_bytes() == local.read_bytes()
 
 
-def test_publish_dir_is_loadable_hf_dir_with_lm_head(publisher, model, tiny_dir):
+def test_publish_dir_is_loadable_hf_dir_with_lm_head(publisher, model, random_tiny_dir):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -61,7 +51,7 @@ def test_publish_dir_is_loadable_hf_dir_with_lm_head(publisher, model, tiny_dir)
     w = publisher.publish(model, 1)
     d = version_dir(publisher.run_dir, 1)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert (d / name).read_bytes() == (tiny_dir / name).read_bytes()
+        assert (d / name).read_bytes() == (random_tiny_dir / name).read_bytes()
     with safe_open(str(d / WEIGHTS_FILE), "pt") as f:
         assert "lm_head.weight" in f.keys()
     reloaded = AutoModelForCausalLM.from_pretrained(w.path, dtype=torch.float32)

@@ -14,14 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs.schema import load_config
+from conftest import FAST_TINY
 from learner.tiny import (CHARSET, EVAL_SEED_BASE, STAMP_FILE, build_tokenizer, ensure_model, evaluate_accuracy,
                           guess_segments, is_current, read_stamp)
 from learner.weights_io import sha256_file, write_weights
 
-# Fast build for tests: stop at 5% held-out accuracy (reached after ~100 steps, ~10 s on one core).
-# Keep identical in test_engine_mismatch.py: both build into the same dir, the second reuses it.
-FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -38,11 +35,6 @@ def one_torch_thread():
     with torch_threads(1):
         yield
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model built once per session with fast settings."""
-    return ensure_model(fast_config(tmp_path_factory.getbasetemp() / "tiny-fast"))
 
 
 @pytest.fixture(scope="session")
