@@ -70,7 +70,7 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
         if subscriber is not None:
             subscriber.close()
         if engine is not None:
-            engine.shutdown()
+            await engine.shutdown()
         writer.close()
         control.close()
     return 0

@@ -47,6 +47,7 @@ def loop():
     # One loop for the module: vLLM's output handler task lives on the loop of the first request.
     loop = asyncio.new_event_loop()
     yield loop
+    loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
 
 
@@ -65,7 +66,7 @@ def engine(loop, tiny_dir):
             mp.setenv(k, v)
         eng = loop.run_until_complete(Engine.start(actor_cfg(tiny_dir), tiny_dir))
     yield eng
-    eng.shutdown()
+    loop.run_until_complete(eng.shutdown())
 
 
 @pytest.fixture(scope="module")

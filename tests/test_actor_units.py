@@ -98,10 +98,10 @@ def test_group_seed_differs_across_actors_sessions_and_groups():
     assert group_seed(0, "actor-0", "aa", 3) == group_seed(0, "actor-0", "aa", 3)
 
 
-def test_groups_in_flight_limit_keeps_one_spare_group():
-    assert groups_in_flight_limit(32, 8) == 5
-    assert groups_in_flight_limit(12, 8) == 3
-    assert groups_in_flight_limit(4, 8) == 2
+def test_groups_in_flight_limit_keeps_two_spare_groups():
+    assert groups_in_flight_limit(32, 8) == 6
+    assert groups_in_flight_limit(12, 8) == 4
+    assert groups_in_flight_limit(4, 8) == 3
 
 
 def test_spans_to_versions_tiles_or_raises():
