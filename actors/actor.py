@@ -73,6 +73,12 @@ def resolve_actor_id(cli_id: str | None, environ: Mapping[str, str]) -> str:
     return "actor-0"
 
 
+def weights_behind_cap(engine_version: int, learner_version: int, max_staleness: int) -> bool:
+    """True when a group started now would sample from weights staler than the cap allows:
+    engine_version < V - K (the learner at version V, staleness cap K)."""
+    return engine_version < learner_version - max_staleness
+
+
 def replica_index(actor_id: str) -> int:
     """The trailing number of an actor id (``actor-3`` -> 3; none -> 0): picks the GPU and the engine seed."""
     m = re.search(r"(\d+)$", actor_id)
@@ -350,6 +356,7 @@ class Actor:
         self._stop_waiter: asyncio.Task | None = None
         self._episodes: asyncio.Semaphore | None = None
         self._late_admits: list[asyncio.Future] = []
+        self._weights_lock: asyncio.Lock | None = None  # one reload at a time (weights loop vs admission)
 
     # -------------------------------------------------------- public
 
@@ -498,6 +505,7 @@ class Actor:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
                 elif await self._try_admit():
+                    await self._catch_up_weights()
                     job = self._start_group(admitted)
                     jobs[job.task] = job
                     admitted += 1
@@ -619,9 +627,29 @@ class Actor:
             stored = await self._redis(self.control.latest_weights)
             await self._sync_weights(newest(heard, stored))
 
+    async def _catch_up_weights(self) -> None:
+        """Before an admitted group starts: if the engine's weights are older than the staleness cap allows
+        (engine version < V - K), load the newest published weights first.
+
+        The learner publishes weights V before it raises capacity in the control hash, but the announcement
+        and the capacity reach this actor by different paths; without this check a synchronous run (K = 0)
+        could start a group on V - 1 when the new capacity is seen before the WeightsReady."""
+        ctrl = self.last_control = await self._redis(self.control.read_control)
+        if ctrl is None or not weights_behind_cap(self.engine.version, ctrl.version, ctrl.max_staleness):
+            return
+        stored = await self._redis(self.control.latest_weights)
+        if stored is not None:
+            await self._sync_weights(stored)
+
     async def _sync_weights(self, w) -> None:
         """Load ``w`` if it is newer than the engine's weights and not refused before; refuse it (one log
         line, current weights kept) if no file with its sha256 can be had."""
+        if self._weights_lock is None:
+            self._weights_lock = asyncio.Lock()
+        async with self._weights_lock:
+            await self._sync_weights_locked(w)
+
+    async def _sync_weights_locked(self, w) -> None:
         from actors.weights import WeightsRefused, prune_cache, refusal_key, resolve_weights, should_load
 
         if not should_load(w, self.engine.version, self.refused):

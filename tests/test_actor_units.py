@@ -133,3 +133,12 @@ def test_actor_cli_bad_config_names_field():
     out = subprocess.run([sys.executable, "-m", "actors", "--set", "actor.concurrency=0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "actor.concurrency" in out.stderr
+
+
+def test_weights_behind_cap_only_past_the_staleness_cap():
+    from actors.actor import weights_behind_cap
+
+    assert weights_behind_cap(engine_version=2, learner_version=3, max_staleness=0)
+    assert not weights_behind_cap(engine_version=3, learner_version=3, max_staleness=0)
+    assert not weights_behind_cap(engine_version=1, learner_version=3, max_staleness=2)
+    assert weights_behind_cap(engine_version=0, learner_version=3, max_staleness=2)

@@ -75,6 +75,9 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
     for r in rows:
         assert not [k for k in REQUIRED_KEYS if k not in r]
         assert r["staleness/max_allowed"] == 0
+        # K = 0: every group starts on the learner's current weights (the actor catches up before it
+        # starts a group), so every trained token is on-policy up to the engine mismatch.
+        assert r["staleness/max"] == 0, [x["staleness/max"] for x in rows]
     # The actor loaded weights the learner published: later batches were sampled by versions > 0.
     assert max(r["staleness/newest_version"] for r in rows) >= 1, tail["actor"]
 
