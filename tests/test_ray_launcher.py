@@ -17,7 +17,10 @@ import redis
 from buffer.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
+# Long enough (synchronous, 4 groups of 8 per step) for the killed replica to restart (Ray worker + vLLM
+# start, ~20 s here) and rejoin before the learner finishes.
+STEPS = 40
+BATCH = 4
 
 
 def _wait_for(pred, timeout_s: float, what: str):
@@ -34,12 +37,12 @@ def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_s
     run_dir = tmp_path / "runs" / "ray"
     sets = {
         "run.root": str(tmp_path / "runs"), "run.name": "ray",
-        "learner.steps": str(STEPS), "learner.batch_groups": "2", "learner.checkpoint_every": "2",
+        "learner.steps": str(STEPS), "learner.batch_groups": str(BATCH), "learner.checkpoint_every": "2",
         "learner.wandb_mode": "disabled", "learner.progress": "false", "learner.torch_threads": "1",
         "learner.zmq_pub": f"tcp://127.0.0.1:{free_port()}", "learner.zmq_files": f"tcp://127.0.0.1:{free_port()}",
-        "actor.group_size": "4", "actor.concurrency": "8", "actor.status_interval_s": "2",
+        "actor.group_size": "8", "actor.concurrency": "16", "actor.status_interval_s": "2",
         "actor.weights_cache_dir": str(tmp_path / "actor-weights"),
-        "controller.k_max": "1", "redis.pending_timeout_s": "5",
+        "controller.mode": "sync", "redis.pending_timeout_s": "5",
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     env = {**os.environ, "DCRL_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1",
@@ -77,4 +80,4 @@ def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_s
     consumed = int(r.get("dcrl:consumed") or 0)
     assert int(r.get("dcrl:dead_count") or 0) == 0
     assert info["entries-added"] == consumed + info["length"]
-    assert consumed == STEPS * 2
+    assert consumed == STEPS * BATCH
