@@ -156,6 +156,18 @@ def reduce_loss_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def episode_stats(groups) -> dict[str, float]:
+    """Per-episode means over a batch: model turns, tokens (all / generated), truncated fraction."""
+    trajs = [t for g in groups for t in g.trajectories]
+    n = max(len(trajs), 1)
+    return {
+        "episode/turns": sum(len(t.turn_starts) for t in trajs) / n,
+        "episode/tokens": sum(len(t) for t in trajs) / n,
+        "episode/generated_tokens": sum(int(t.mask_np.sum()) for t in trajs) / n,
+        "episode/truncated_frac": sum(t.finish_reason in ("length", "turn_limit", "token_limit") for t in trajs) / n,
+    }
+
+
 def nan_if_none(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
@@ -318,6 +330,7 @@ class Learner:
             "loss": lm["loss"], "loss/pg": lm["pg_loss"], "loss/penalty": lm["penalty"],
             "loss/clip_frac": lm["clip_frac"], "loss/mean_ratio": lm["mean_ratio"],
             "grad_norm": float(grad_norm),
+            **episode_stats(groups),
             "batch/groups": batch.n_groups, "batch/trajectories": len(batch.lengths),
             "tokens/generated": n_gen, "tokens/total": int(sum(batch.lengths)),
             "time/step_s": step_s,

@@ -304,3 +304,18 @@ def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url,
             learner.collect()
     finally:
         learner.reader.close()
+
+
+def test_episode_stats_counts_turns_tokens_and_truncation():
+    from learner.trainer import episode_stats
+
+    def traj(turns, n, gen, reason):
+        mask = [0] * (n - gen) + [1] * gen
+        return Trajectory.from_arrays(list(range(n)), [0.0] * n, [0 if m else -1 for m in mask], mask, reward=0.0,
+                                      turn_starts=list(range(n - gen, n - gen + turns)), finish_reason=reason)
+
+    g = TrajectoryGroup(group_id="g", actor_id="a", engine="e", env="x", seed=0,
+                        trajectories=[traj(2, 10, 4, "stop"), traj(4, 20, 8, "token_limit")])
+    st = episode_stats([g])
+    assert st == {"episode/turns": 3.0, "episode/tokens": 15.0, "episode/generated_tokens": 6.0,
+                  "episode/truncated_frac": 0.5}
