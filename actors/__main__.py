@@ -2,7 +2,7 @@
 
     python -m actors --config tiny [--set actor.concurrency=16] [--actor-id actor-1]
 
-Actor id: ``--actor-id``, else ``DCRL_ACTOR_ID``, else honcho's ``PS`` (``actor.2`` -> ``actor-2``), else
+Actor id: ``--actor-id``, else ``DCRL_ACTOR_ID``, else the Procfile process name (``HONCHO_PROCESS_NAME`` / ``PS``) (``actor.2`` -> ``actor-2``), else
 ``actor-0``; its trailing number picks the GPU on GPU machines (``actor.gpu`` overrides). SIGTERM or
 SIGINT: in-flight episodes are cancelled, finished groups flushed, exit 0. vLLM, torch and
 transformers are imported only after the arguments are parsed (``--help`` answers at once).
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--actor-id", default=None,
-                        help="actor id (default: $DCRL_ACTOR_ID, else honcho's $PS, else actor-0)")
+                        help="actor id (default: $DCRL_ACTOR_ID, else honcho's $HONCHO_PROCESS_NAME or foreman's $PS, else actor-0)")
     return parser
 
 

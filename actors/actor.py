@@ -62,12 +62,16 @@ log = logging.getLogger("dcrl.actor")
 
 
 def resolve_actor_id(cli_id: str | None, environ: Mapping[str, str]) -> str:
-    """``--actor-id``, else ``DCRL_ACTOR_ID``, else honcho's ``PS`` (``actor.2`` -> ``actor-2``), else ``actor-0``."""
+    """``--actor-id``, else ``DCRL_ACTOR_ID``, else the Procfile process name that honcho
+    (``HONCHO_PROCESS_NAME``) or foreman (``PS``) sets (``actor.2`` -> ``actor-2``), else ``actor-0``.
+
+    Distinct ids matter: an actor's admission ledger (``held:<actor_id>``) is given back when the same
+    id starts again, so two live actors sharing an id would free each other's slots."""
     if cli_id:
         return cli_id
     if environ.get("DCRL_ACTOR_ID"):
         return environ["DCRL_ACTOR_ID"]
-    ps = environ.get("PS", "")
+    ps = environ.get("HONCHO_PROCESS_NAME") or environ.get("PS", "")
     if ps:
         return ps.replace(".", "-")
     return "actor-0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,21 @@ def test_resolve_actor_id_precedence_cli_env_honcho_default():
     assert resolve_actor_id("cli-7", env) == "cli-7"
     assert resolve_actor_id(None, env) == "from-env"
     assert resolve_actor_id(None, {"PS": "actor.2"}) == "actor-2"
+    assert resolve_actor_id(None, {"HONCHO_PROCESS_NAME": "actor.3"}) == "actor-3"
     assert resolve_actor_id(None, {}) == "actor-0"
+
+
+def test_honcho_scaled_actors_get_distinct_ids(tmp_path):
+    # The real honcho, as `honcho start -c actor=2` runs the Procfile: each replica must get its own id.
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(
+        f"actor: {sys.executable} -c \"import os; from actors.actor import resolve_actor_id; "
+        f"print('ID=' + resolve_actor_id(None, os.environ))\"\n")
+    honcho = Path(sys.executable).parent / "honcho"
+    proc = subprocess.run([str(honcho), "start", "-f", str(procfile), "-d", str(ROOT), "-c", "actor=2"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    ids = sorted(set(re.findall(r"ID=(\S+)", proc.stdout)))
+    assert ids == ["actor-1", "actor-2"], proc.stdout + proc.stderr
 
 
 def test_replica_index_is_trailing_number_or_zero():
