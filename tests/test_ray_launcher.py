@@ -19,7 +19,7 @@ from buffer.server import free_port
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough (synchronous, 4 groups of 8 per step) for the killed replica to restart (Ray worker + vLLM
 # start, ~20 s here) and rejoin before the learner finishes.
-STEPS = 40
+STEPS = 60
 BATCH = 4
 
 
