@@ -184,6 +184,9 @@ def decode_group(data: bytes, *, vocab_size: int | None = None, current_version:
     return decode(data, TrajectoryGroup, vocab_size=vocab_size, current_version=current_version)
 
 
+_DTYPES = {"token_ids": TOKEN_DTYPE, "logprobs": LOGPROB_DTYPE, "versions": VERSION_DTYPE, "loss_mask": MASK_DTYPE}
+
+
 def validate_trajectory(t: Trajectory, *, vocab_size: int | None = None, current_version: int | None = None, where: str = "") -> None:
     """Raise ProtocolError naming the first field that breaks the contract."""
     p = f"{where}: " if where else ""
@@ -223,9 +226,6 @@ def validate_trajectory(t: Trajectory, *, vocab_size: int | None = None, current
         raise ProtocolError(f"{p}prompt_len {t.prompt_len} outside [0, {n}]")
     if any(not 0 <= s < n for s in t.turn_starts) or t.turn_starts != sorted(t.turn_starts):
         raise ProtocolError(f"{p}turn_starts must be increasing indices in [0, {n})")
-
-
-_DTYPES = {"token_ids": TOKEN_DTYPE, "logprobs": LOGPROB_DTYPE, "versions": VERSION_DTYPE, "loss_mask": MASK_DTYPE}
 
 
 def validate_group(g: TrajectoryGroup, *, vocab_size: int | None = None, current_version: int | None = None) -> None:

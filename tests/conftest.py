@@ -64,6 +64,31 @@ def random_tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def count_host_syncs(monkeypatch):
+    """Call it to start counting: Tensor.tolist calls are counted (the returned dict), and the per-value
+    host syncs (.item(), float(), bool()) fail the test. For code that must read back to the host once."""
+    import torch
+
+    def install() -> dict[str, int]:
+        calls = {"tolist": 0}
+        real_tolist = torch.Tensor.tolist
+
+        def counting_tolist(self):
+            calls["tolist"] += 1
+            return real_tolist(self)
+
+        def forbidden(self, *args):
+            raise AssertionError("per-metric host sync")
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        for name in ("item", "__float__", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, forbidden)
+        return calls
+
+    return install
+
+
+@pytest.fixture
 def redis_server(tmp_path) -> RedisServer:
     """A fresh redis-server (append-only) on 127.0.0.1; stopped after the test."""
     server = start_redis(tmp_path / "redis")

@@ -150,22 +150,9 @@ def test_summarize_empty_mask_gives_nan_and_zero_tokens():
     assert stats.engine is None and stats.kappa is None
 
 
-def test_summarize_reads_back_to_host_once(monkeypatch):
+def test_summarize_reads_back_to_host_once(count_host_syncs):
     logp_prox, logp_mu, lag, mask = _batch(seed=5)
-    calls = {"tolist": 0}
-    real_tolist = torch.Tensor.tolist
-
-    def counting_tolist(self):
-        calls["tolist"] += 1
-        return real_tolist(self)
-
-    def forbidden(self, *args):
-        raise AssertionError("per-metric host sync")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    monkeypatch.setattr(torch.Tensor, "item", forbidden)
-    monkeypatch.setattr(torch.Tensor, "__float__", forbidden)
-    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    calls = count_host_syncs()
     disc.summarize(logp_prox, logp_mu, lag, mask, "abs_prob")
     assert calls["tolist"] == 1
 

@@ -271,23 +271,10 @@ def test_policy_loss_advantage_penalty_needs_per_token_d():
         _call(b, "tis", 0.0, 2.0, _cfg(), 0, None)
 
 
-def test_policy_loss_reads_back_to_host_once(monkeypatch):
+def test_policy_loss_reads_back_to_host_once(count_host_syncs):
     b = _batch(seed=8)
-    calls = {"tolist": 0}
-    real_tolist = torch.Tensor.tolist
-
-    def counting_tolist(self):
-        calls["tolist"] += 1
-        return real_tolist(self)
-
-    def forbidden(self, *args):
-        raise AssertionError("per-metric host sync")
-
     ptd = _ptd(b)
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    monkeypatch.setattr(torch.Tensor, "item", forbidden)
-    monkeypatch.setattr(torch.Tensor, "__float__", forbidden)
-    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    calls = count_host_syncs()
     _, metrics = _call(b, "mis", 0.5, 2.0, _cfg(penalty="k2"), 100, ptd)
     assert calls["tolist"] == 1
     assert all(isinstance(v, float) for v in metrics.values())
