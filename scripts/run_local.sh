@@ -13,8 +13,15 @@ if [ ! -f .env ]; then
   # A per-checkout Redis password: the Procfile's redis-server requires it, every process reads it.
   printf 'DCRL_REDIS_PASSWORD=%s\n' "$(python -c 'import secrets; print(secrets.token_hex(16))')" > .env
 fi
-run_dir=$(python -c "from configs import load_config; print(load_config('$DCRL_CONFIG').run.dir)")
-redis_dir=$(python -c "from configs import load_config; print(load_config('$DCRL_CONFIG').redis.data_dir)")
+dirs=$(python -c "
+import sys
+from configs import ConfigError, load_config
+try:
+    c = load_config(sys.argv[1])
+except ConfigError as e:
+    sys.exit(f'error: {e}')
+print(c.run.dir); print(c.redis.data_dir)" "$DCRL_CONFIG")
+{ read -r run_dir; read -r redis_dir; } <<< "$dirs"
 if [ "${DCRL_RESUME:-0}" != 1 ]; then
   rm -rf "$run_dir" "$redis_dir"
 fi
