@@ -361,6 +361,7 @@ class Actor:
         self._episodes: asyncio.Semaphore | None = None
         self._late_admits: list[asyncio.Future] = []
         self._weights_lock: asyncio.Lock | None = None  # one reload at a time (weights loop vs admission)
+        self._transfer = None  # actors.transfer.TransferClient, on the first collective WeightsReady
 
     # -------------------------------------------------------- public
 
@@ -391,6 +392,9 @@ class Actor:
                 t.cancel()
             ended = await asyncio.gather(*background, return_exceptions=True)
             self._stop_waiter.cancel()
+            if self._transfer is not None:
+                self._transfer.close()
+                self._transfer = None
         # A weight reload that failed while the actor drained must still fail the actor.
         failures = [e for e in ended if isinstance(e, Exception) and not isinstance(e, Stopping)]
         if failures:
@@ -658,6 +662,9 @@ class Actor:
 
         if not should_load(w, self.engine.version, self.refused):
             return
+        if w.transport != "files":
+            await self._pull_weights(w)
+            return
         a = self.cfg.actor
         try:
             path = await self._race(self._files_io.submit(
@@ -675,6 +682,33 @@ class Actor:
         log.info("%s: loaded weights v%d from %s (pause -> reload -> resume %.0f ms)", self.actor_id, w.version,
                  path, 1000 * seconds)
         await self._files_io.submit(prune_cache, self.cache_dir, {w.version, previous})
+
+    async def _pull_weights(self, w) -> None:
+        """``w`` is announced over a collective transport: have the learner broadcast its newest weights
+        into the engine (``actors.transfer``). A refusal (learner busy restarting, no answer) is logged and
+        retried at the next announcement or poll; a transfer that fails half-way raises (the engine is
+        left paused rather than serving a half-loaded model)."""
+        from actors.transfer import TransferClient, TransferRefused
+
+        configured = self.cfg.learner.weight_transfer
+        if w.transport != configured:
+            raise RuntimeError(f"the learner publishes weights v{w.version} over {w.transport!r}, but this actor "
+                               f"runs with learner.weight_transfer={configured!r}: start both with the same config")
+        if self._transfer is None or self._transfer.endpoint != w.url:
+            if self._transfer is not None:
+                self._transfer.close()
+            self._transfer = TransferClient(w.url, self.actor_id, timeout_s=self.cfg.actor.weights_fetch_timeout_s,
+                                            world_size=self.engine.world_size)
+        try:
+            version, seconds = await self._transfer.pull_into(self.engine, w.version)
+        except TransferRefused as e:
+            self.stats.refused_updates += 1
+            log.warning("%s: weights v%d not received (keeping v%d, will retry): %s", self.actor_id, w.version,
+                        self.engine.version, e)
+            return
+        self.stats.weight_loads.append((version, seconds))
+        log.info("%s: received weights v%d over %s (pause -> receive -> resume %.0f ms)", self.actor_id, version,
+                 w.transport, 1000 * seconds)
 
     # -------------------------------------------------------- status
 

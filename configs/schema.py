@@ -182,6 +182,19 @@ class LearnerConfig(_Strict):
     """PUB socket announcing WeightsReady."""
     zmq_files: str = "tcp://127.0.0.1:5591"
     """ROUTER socket serving weight files to actors without a shared filesystem."""
+    weight_transfer: Literal["files", "nccl", "gloo"] = "files"
+    """How actors get new weights. "files": a versioned safetensors directory per publish, read from a shared
+    filesystem or fetched over ``zmq_files`` (works everywhere). "nccl": vLLM's native weight transfer, the
+    learner broadcasting from its GPU into the actors' vLLM workers (GPU learner and actors; no files).
+    "gloo": the same protocol over gloo (CPU learner and actors). See learner/transfer.py."""
+    zmq_transfer: str = "tcp://127.0.0.1:5592"
+    """ROUTER socket where actors join the weight transfer and ask for broadcasts (nccl/gloo only)."""
+    transfer_host: str = "127.0.0.1"
+    """Address of this learner that actors' workers reach for the nccl/gloo group rendezvous."""
+    transfer_timeout_s: float = Field(120.0, gt=0)
+    """nccl/gloo: the longest a group rendezvous (and, on gloo, one broadcast) may wait for the other side."""
+    transfer_packed: bool = True
+    """nccl only: broadcast through vLLM's packed double buffers instead of tensor by tensor."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "dcrl"
     progress: bool = True
@@ -271,6 +284,9 @@ class DcrlConfig(_Strict):
             raise ValueError("actor.max_tokens_per_turn must be <= actor.max_tokens_per_episode")
         if self.actor.max_tokens_per_episode >= self.model.max_seq_len:
             raise ValueError("actor.max_tokens_per_episode must be < model.max_seq_len (room for the prompt)")
+        if self.learner.weight_transfer == "nccl" and self.learner.device == "cpu":
+            raise ValueError("learner.weight_transfer = \"nccl\" broadcasts from the learner's GPU: it needs "
+                             "learner.device = \"cuda\" (or \"auto\" on a GPU machine); use \"gloo\" on CPU")
         return self
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger("dcrl.publisher")
 WEIGHTS_DIR = "weights"
 MAX_CHUNK_BYTES = 16 << 20
 """Largest chunk the file server sends in one reply (bounds its memory per request)."""
+_TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 # Files of a model directory that are weights (never copied: the published file replaces them).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -207,12 +208,16 @@ class WeightPublisher:
     Owned by the learner; ``publish`` is called from the training thread only.
     """
 
-    def __init__(self, lcfg, run_dir: str | os.PathLike, model_dir: str | os.PathLike):
+    def __init__(self, lcfg, run_dir: str | os.PathLike, model_dir: str | os.PathLike, *,
+                 actor_dtype: str = "auto"):
         import zmq
 
         self.cfg = lcfg
         self.run_dir = Path(run_dir)
         self.model_dir = Path(model_dir)
+        # nccl/gloo send floating tensors in the actors' compute dtype (half the bytes of fp32 for bf16);
+        # vLLM would cast them on load anyway. Files keep the learner's dtype.
+        self.wire_dtype = _TORCH_DTYPES.get(actor_dtype)
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
@@ -221,14 +226,38 @@ class WeightPublisher:
         except zmq.ZMQError as e:
             self._pub.close()
             raise RuntimeError(f"learner.zmq_pub: cannot bind {lcfg.zmq_pub}: {e}") from None
+        self.files = self.transfer = None
         try:
-            self.files = WeightFileServer(lcfg.zmq_files, self.run_dir)
-        except RuntimeError:
+            if lcfg.weight_transfer == "files":
+                self.files = WeightFileServer(lcfg.zmq_files, self.run_dir)
+            else:
+                self.transfer = self._transfer_server(lcfg)
+        except (RuntimeError, ValueError):
             self._pub.close()
             raise
 
+    @staticmethod
+    def _transfer_server(lcfg):
+        import torch
+
+        from learner.transfer import TransferServer
+
+        on_gpu = lcfg.weight_transfer == "nccl"
+        if on_gpu and not torch.cuda.is_available():
+            raise RuntimeError("learner.weight_transfer = \"nccl\" needs a CUDA learner: no GPU is visible "
+                               "(use \"gloo\" or \"files\" on CPU)")
+        return TransferServer(lcfg.zmq_transfer, lcfg.weight_transfer, host=lcfg.transfer_host,
+                              timeout_s=lcfg.transfer_timeout_s, packed=on_gpu and lcfg.transfer_packed,
+                              device_index=torch.cuda.current_device() if on_gpu else None)
+
     def publish(self, model, version: int) -> WeightsReady:
-        """Write version ``version``, prune old ones, announce; return the announcement."""
+        """Publish version ``version`` and announce it; return the announcement.
+
+        files: write its directory and prune old ones. nccl/gloo: swap in a new snapshot of the weights
+        (on the learner's GPU for nccl, on CPU for gloo) that the transfer server broadcasts on pulls.
+        """
+        if self.transfer is not None:
+            return self._publish_snapshot(model, version)
         t0 = time.perf_counter()
         path, sha = write_version_dir(model, self.run_dir, version, self.model_dir)
         self.files.remember(version, sha)
@@ -239,8 +268,28 @@ class WeightPublisher:
         log.debug("published v%d (%.0f ms) at %s", version, 1000 * (time.perf_counter() - t0), path)
         return msg
 
+    def _publish_snapshot(self, model, version: int) -> WeightsReady:
+        import torch
+
+        from learner.transfer import take_snapshot
+
+        t0 = time.perf_counter()
+        snap = take_snapshot(model, version, wire_dtype=self.wire_dtype,
+                             device="cpu" if self.cfg.weight_transfer == "gloo" else None)
+        self.transfer.set_snapshot(snap)
+        msg = WeightsReady(version=version, path="", sha256="", url=self.cfg.zmq_transfer, created_at=time.time(),
+                           transport=self.cfg.weight_transfer)
+        self._pub.send(encode(msg))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        log.debug("snapshot v%d (%.1f MB, %.0f ms)", version, snap.nbytes / 1e6, 1000 * (time.perf_counter() - t0))
+        return msg
+
     def close(self) -> None:
-        self.files.close()
+        if self.files is not None:
+            self.files.close()
+        if self.transfer is not None:
+            self.transfer.close()
         self._pub.close()
 
 

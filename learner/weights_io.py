@@ -28,14 +28,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def published_tensors(model) -> list[tuple[str, "object"]]:
+    """(name, tensor) of everything an actor loads, on the model's device (no copy): the state dict with
+    ``lm_head.weight`` always present, last (the tied head explicitly, see the module docstring)."""
+    items = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    items.append(("lm_head.weight", model.get_output_embeddings().weight))
+    return items
+
+
 def export_state_dict(model) -> dict:
     """The tensors to publish: contiguous CPU copies, ``lm_head.weight`` always present and unshared.
 
-    safetensors refuses tensors that share storage, so the tied head is a separate copy.
+    safetensors refuses tensors that share storage, so the tied head is a separate copy (a copy even
+    when untied: cheap next to the write, and never aliases the embedding).
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # A copy even when untied: cheap next to the write, and never aliases the embedding.
-    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone().contiguous()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in published_tensors(model)}
+    state["lm_head.weight"] = state["lm_head.weight"].clone()
     return state
 
 

@@ -20,6 +20,9 @@ LOGPROB_DTYPE = np.dtype("<f4")
 VERSION_DTYPE = np.dtype("<i4")
 MASK_DTYPE = np.dtype("<u1")
 
+# How WeightsReady reaches the actors: versioned files, or a broadcast from the learner (learner.transfer).
+WEIGHT_TRANSPORTS = ("files", "nccl", "gloo")
+
 # Finish reasons an actor may report for one trajectory.
 FINISH_REASONS = ("stop", "length", "env_done", "turn_limit", "token_limit", "aborted")
 
@@ -107,13 +110,19 @@ class TrajectoryGroup(msgspec.Struct, kw_only=True, frozen=True):
 
 # Learner -> actors (ZMQ PUB, and the control hash for late joiners)
 class WeightsReady(msgspec.Struct, kw_only=True, frozen=True):
-    """Weights of policy ``version`` are ready at ``path`` (a directory holding model.safetensors)."""
+    """Weights of policy ``version`` are ready.
+
+    ``transport == "files"``: at ``path`` (a directory holding model.safetensors with digest ``sha256``),
+    and served by the ZMQ file server at ``url``. ``"nccl"``/``"gloo"``: no file; the actor pulls the
+    weights from the learner's transfer server at ``url`` (``learner.transfer``), ``path``/``sha256`` empty.
+    """
 
     version: int
     path: str  # directory on the learner's filesystem
     sha256: str  # hex digest of model.safetensors
-    url: str = ""  # ZMQ endpoint that serves the file, for actors without the learner's filesystem
+    url: str = ""  # ZMQ endpoint that serves the file (files) or answers pulls (collective transports)
     created_at: float = 0.0
+    transport: str = "files"
 
 
 # Learner -> actors (control hash <prefix>:control)
@@ -146,7 +155,37 @@ class ChunkHeader(msgspec.Struct, kw_only=True, frozen=True):
     error: str = ""  # non-empty: the request was refused (e.g. version no longer kept); no data frame content
 
 
-_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control, FetchChunk, ChunkHeader)
+# Actor -> learner transfer server (DEALER -> ROUTER at WeightsReady.url) when the transport is collective.
+class TransferRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """``join``: open a weight transfer group with this actor's ``world_size`` inference ranks.
+    ``pull``: broadcast the newest weights (version >= ``version``) into that group now."""
+
+    op: str  # "join" | "pull"
+    actor_id: str
+    world_size: int = 1  # join: the engine's TP x PP ranks
+    version: int = -1  # pull: the version the actor heard of
+
+
+# Learner transfer server -> actor: one reply per request.
+class TransferReply(msgspec.Struct, kw_only=True, frozen=True):
+    op: str
+    error: str = ""  # non-empty: refused, nothing happens on the learner's side
+    rejoin: bool = False  # pull refused because the actor's group is gone: join again first
+    # join: where the group meets (the learner is rank 0, the actor's workers 1..world_size-1)
+    backend: str = ""
+    master_address: str = ""
+    master_port: int = 0
+    world_size: int = 0
+    packed: bool = False
+    timeout_s: float = 0.0
+    # pull: what the broadcast that starts now carries, in order
+    version: int = -1
+    names: list[str] = []
+    dtype_names: list[str] = []
+    shapes: list[list[int]] = []
+
+
+_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control, FetchChunk, ChunkHeader, TransferRequest, TransferReply)
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(t) for t in _MESSAGE_TYPES}
 
@@ -282,6 +321,12 @@ def _group_ok(g: TrajectoryGroup, vocab_size: int | None, current_version: int |
 def validate_weights_ready(w: WeightsReady) -> None:
     if w.version < 0:
         raise ProtocolError(f"WeightsReady.version {w.version} < 0")
+    if w.transport not in WEIGHT_TRANSPORTS:
+        raise ProtocolError(f"WeightsReady.transport {w.transport!r} is not one of {WEIGHT_TRANSPORTS}")
+    if w.transport != "files":
+        if not w.url:
+            raise ProtocolError(f"WeightsReady.url is empty (transport {w.transport} pulls from it)")
+        return
     if len(w.sha256) != 64 or any(c not in "0123456789abcdef" for c in w.sha256):
         raise ProtocolError("WeightsReady.sha256 is not a 64-digit lowercase hex digest")
 

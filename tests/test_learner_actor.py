@@ -1,6 +1,7 @@
 """End to end on CPU: ``python -m learner`` and one real vLLM actor (``python -m actors``) on the tiny preset.
 
-Checks that a few learner steps train every parameter, advance the version, and that the actor follows:
+Checks that a few learner steps train every parameter, advance the version, and that the actor follows
+(with weights as files, and broadcast over gloo through vLLM's weight-transfer engine):
 with a staleness cap of 0 it can only produce the next batch after a step, by which time the new weights
 are announced, so later batches carry versions > 0 (tokens sampled by weights the learner published).
 """
@@ -12,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from buffer.server import free_port
 from configs.schema import load_config
 from learner.metrics import REQUIRED_KEYS, read_metrics
@@ -19,7 +22,8 @@ from learner.metrics import REQUIRED_KEYS, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, redis_url):
+@pytest.mark.parametrize("transport", ["files", "gloo"])
+def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, redis_url, transport):
     import torch
     from safetensors.torch import load_file
 
@@ -33,7 +37,8 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
         "learner.wandb_mode=disabled", "learner.progress=false", f"learner.steps={steps}",
         "learner.batch_groups=2", "learner.micro_batch=16", "learner.checkpoint_every=2", "learner.lr=1e-3",
-        "learner.wait_timeout_s=300",
+        "learner.wait_timeout_s=300", f"learner.weight_transfer={transport}",
+        f"learner.zmq_transfer=tcp://127.0.0.1:{free_port()}",
         "actor.group_size=4", "actor.concurrency=8", "actor.status_interval_s=5", "actor.weights_poll_s=0.5",
         f"actor.weights_cache_dir={tmp_path / 'actor_weights'}",
         "controller.k_max=0", "controller.k_min=0",
@@ -86,7 +91,11 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         c, w = cp.read_control(), cp.latest_weights()
     finally:
         cp.close()
-    assert c.stop and c.version == steps and w.version == steps
+    assert c.stop and c.version == steps and w.version == steps and w.transport == transport
+    if transport == "gloo":  # broadcast straight into vLLM: no weight file anywhere
+        assert not (cfg.run.dir / "weights").exists() and not (tmp_path / "actor_weights").exists()
+        assert "received weights v" in (tmp_path / "actor.log").read_text()
+        return
     final = load_file(str(Path(w.path) / "model.safetensors"))
     unchanged = [k for k in initial if torch.equal(initial[k], final[k])]
     assert not unchanged, f"parameters not trained: {unchanged}"

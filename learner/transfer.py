@@ -1,0 +1,385 @@
+"""Collective weight transfer: the learner broadcasts its weights straight into the actors' vLLM workers.
+
+``learner.weight_transfer = "nccl"`` (GPU learner, GPU actors) or ``"gloo"`` (CPU, and the CPU test of the
+same protocol). The worker side is vLLM's own weight-transfer engine (``WeightTransferConfig``): NCCL is
+vLLM's ``NCCLWeightTransferEngine`` unchanged; gloo is a subclass that only swaps the communicator
+(``actors.vllm_ext``). No weight file is written or read. ``"files"`` (the default) keeps the versioned
+safetensors directories of ``learner.publisher``.
+
+Pull protocol, one ROUTER socket at ``learner.zmq_transfer`` (this module's :class:`TransferServer`)::
+
+    actor                                             learner
+    TransferRequest(op="join", actor_id, world_size) ->  pick a free port, open a Channel thread that
+                                                      <- TransferReply(master_address, master_port, ...)
+    engine.init_weight_transfer_engine(...)    ...... rendezvous: the Channel is rank 0, vLLM workers 1..N
+    (WeightsReady with transport="nccl"/"gloo" is published on ZMQ PUB and in Redis as before)
+    TransferRequest(op="pull", actor_id, version) ->  the newest snapshot (version >= asked)
+                                                      <- TransferReply(version, names, dtype_names, shapes)
+    pause(keep) -> start_weight_update ->              the Channel broadcasts the snapshot's tensors
+      update_weights(names, dtypes, shapes)  ......   (packed into fixed buffers on NCCL)
+      -> finish_weight_update -> label -> resume
+
+The actor decides when to load, as with files; the learner never blocks its training step on an actor.
+One channel (process group of 1 + the actor's inference ranks, and one thread) per actor: an actor that
+dies breaks only its own channel, and when it comes back it joins again and replaces it.
+
+Snapshot: at each publish the learner copies its weights (on its device, in the wire dtype) into a new
+snapshot and swaps it in; a channel broadcasting an older one keeps its reference until done. Memory:
+up to two copies of the weights in the wire dtype on the learner's device.
+
+Failure handling: a broadcast that fails or times out (gloo: ``learner.transfer_timeout_s``) marks the
+channel broken and the actor's next pull is told to join again. NCCL has no timeout of its own: a
+channel whose actor died in the middle of a broadcast keeps its thread blocked until the learner exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from protocol.messages import ProtocolError, TransferReply, TransferRequest, decode, encode
+
+log = logging.getLogger("dcrl.transfer")
+
+BACKENDS = ("nccl", "gloo")
+VLLM_BACKEND = {"nccl": "nccl", "gloo": "dcrl_gloo"}
+"""``WeightTransferConfig.backend`` of the actor's engine for each ``learner.weight_transfer``."""
+_GLOO_PREFIX = "dcrl-weights"
+_NCCL_SEND_LOCK = threading.Lock()
+"""One NCCL broadcast at a time in the learner: vLLM's packed producer shares its CUDA streams
+process-wide, and serialising keeps two channels' collectives from interleaving on them."""
+
+
+class GlooGroup:
+    """A gloo process group of its own (no ``torch.distributed`` global state), with the two methods of
+    vLLM's ``PyNcclCommunicator`` that weight transfer uses: ``broadcast`` and ``destroy``.
+
+    Rank 0 hosts the rendezvous store on ``host:port``; every socket is on ``host`` (127.0.0.1 locally).
+    """
+
+    def __init__(self, store, pg, rank: int, world_size: int):
+        self._store = store
+        self._pg = pg
+        self.rank = rank
+        self.world_size = world_size
+
+    @classmethod
+    def create(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> "GlooGroup":
+        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = TCPStore(host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
+        opts = ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        pg = ProcessGroupGloo(PrefixStore(_GLOO_PREFIX, store), rank, world_size, opts)
+        return cls(store, pg, rank, world_size)
+
+    def broadcast(self, tensor, src: int, stream=None) -> None:
+        """In place on every rank; blocks until done (``stream`` is accepted for NCCL parity, unused)."""
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        self._pg.broadcast([tensor], opts).wait()
+
+    def destroy(self) -> None:
+        pg, store, self._pg, self._store = self._pg, self._store, None, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            pg.shutdown()
+        del pg, store
+
+
+def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """Join the trainer<->workers group as ``rank``: vLLM's PyNcclCommunicator (on the current CUDA
+    device) for ``nccl``, a :class:`GlooGroup` for ``gloo``. Blocks until every rank has joined."""
+    if backend == "gloo":
+        return GlooGroup.create(host, port, rank, world_size, timeout_s)
+    if backend == "nccl":
+        import torch
+        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+
+        return stateless_init_process_group(host, port, rank, world_size, torch.accelerator.current_device_index())
+    raise ValueError(f"unknown weight transfer backend {backend!r} (expected one of {BACKENDS})")
+
+
+def packed_defaults() -> tuple[int, int]:
+    """vLLM's packed-broadcast geometry (buffer bytes, number of buffers), used by both sides."""
+    from vllm.distributed.weight_transfer.packed_tensor import (DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+                                                                DEFAULT_PACKED_NUM_BUFFERS)
+
+    return DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One published version's tensors, in the order and with the names the actors load them."""
+
+    version: int
+    names: list[str]
+    tensors: list  # torch.Tensor, contiguous, on the learner's device
+    nbytes: int
+
+    @property
+    def dtype_names(self) -> list[str]:
+        return [str(t.dtype).removeprefix("torch.") for t in self.tensors]
+
+    @property
+    def shapes(self) -> list[list[int]]:
+        return [list(t.shape) for t in self.tensors]
+
+
+def take_snapshot(model, version: int, wire_dtype: str | None = None, device=None) -> Snapshot:
+    """Copy the model's published tensors (``learner.weights_io.published_tensors``: the state dict plus
+    an explicit ``lm_head.weight``), floating ones cast to ``wire_dtype`` (a torch dtype name) when given,
+    onto ``device`` when given (else they stay on the model's device)."""
+    import torch
+
+    from learner.weights_io import published_tensors
+
+    dtype = getattr(torch, wire_dtype) if wire_dtype else None
+    names, tensors = [], []
+    with torch.no_grad():
+        for name, t in published_tensors(model):
+            t = t.detach()
+            copy = t.to(device=device or t.device, dtype=dtype if dtype is not None and t.is_floating_point()
+                        else t.dtype, copy=True)
+            names.append(name)
+            tensors.append(copy.contiguous())
+    return Snapshot(version, names, tensors, sum(t.numel() * t.element_size() for t in tensors))
+
+
+# ------------------------------------------------------------------ channels
+
+
+@dataclass
+class ChannelStats:
+    broadcasts: int = 0
+    bytes: int = 0
+    last_seconds: float = 0.0
+    last_version: int = -1
+
+
+class Channel:
+    """The learner's end (rank 0) of one actor's group, driven by its own thread.
+
+    The thread opens the group (blocking until the actor's workers join, at most ``timeout_s``), then
+    broadcasts each snapshot handed to :meth:`send`, in order. Any error marks the channel broken.
+    """
+
+    def __init__(self, actor_id: str, backend: str, host: str, port: int, world_size: int, *, timeout_s: float,
+                 packed: bool, device_index: int | None = None):
+        self.actor_id = actor_id
+        self.backend = backend
+        self.host, self.port, self.world_size = host, port, world_size
+        self.timeout_s = timeout_s
+        self.packed = packed
+        self.device_index = device_index
+        self.stats = ChannelStats()
+        self.error: str = ""
+        self.ready = threading.Event()
+        self._jobs: queue.Queue = queue.Queue()
+        self._group = None
+        self._stream = None  # NCCL: this channel's CUDA stream
+        self._thread = threading.Thread(target=self._run, name=f"dcrl-transfer-{actor_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.error)
+
+    def send(self, snap: Snapshot) -> None:
+        self._jobs.put(snap)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            if self.device_index is not None:
+                import torch
+
+                torch.cuda.set_device(self.device_index)
+            self._group = open_group(self.backend, self.host, self.port, 0, self.world_size, self.timeout_s)
+            self.ready.set()
+            log.info("%s joined the %s weight transfer group (port %d, world %d)", self.actor_id, self.backend,
+                     self.port, self.world_size)
+            while (snap := self._jobs.get()) is not None:
+                t0 = time.perf_counter()
+                self._broadcast(snap)
+                dt = time.perf_counter() - t0
+                s = self.stats
+                s.broadcasts, s.bytes, s.last_seconds, s.last_version = s.broadcasts + 1, s.bytes + snap.nbytes, dt, snap.version
+                log.debug("v%d -> %s: %.1f MB in %.0f ms", snap.version, self.actor_id, snap.nbytes / 1e6, 1000 * dt)
+        except BaseException as e:  # noqa: BLE001 - a broken channel must say why, whatever broke it
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("weight transfer channel of %s broke: %s", self.actor_id, self.error)
+        finally:
+            self.ready.set()
+            group, self._group = self._group, None
+            if group is not None:
+                try:
+                    group.destroy()
+                except Exception as e:  # noqa: BLE001 - teardown of a broken group may fail too
+                    log.debug("destroying %s's group: %s", self.actor_id, e)
+
+    def _broadcast(self, snap: Snapshot) -> None:
+        if self.backend == "gloo":
+            for t in snap.tensors:
+                self._group.broadcast(t, src=0)
+            return
+        # NCCL: on a stream of this channel, so that the broadcast (which waits for the actor) never
+        # stalls the training kernels on the default stream. The snapshot was synchronised when taken.
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        with _NCCL_SEND_LOCK, torch.cuda.stream(self._stream):
+            if self.packed:
+                from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+                size, num = packed_defaults()
+                packed_nccl_broadcast_producer(iterator=iter(zip(snap.names, snap.tensors)), group=self._group,
+                                               src=0, post_iter_func=lambda item: item[1], buffer_size_bytes=size,
+                                               num_buffers=num)
+            else:
+                for t in snap.tensors:
+                    self._group.broadcast(t, src=0, stream=self._stream)
+            self._stream.synchronize()
+
+
+# ------------------------------------------------------------------ server
+
+
+@dataclass
+class TransferServer:
+    """ROUTER thread at ``endpoint`` answering join and pull requests; see the module docstring.
+
+    ``set_snapshot`` is called by the training thread at each publish; everything else runs in the
+    server thread (which alone touches the socket) and the channels' threads.
+    """
+
+    endpoint: str
+    backend: str
+    host: str = "127.0.0.1"
+    timeout_s: float = 120.0
+    packed: bool = False
+    device_index: int | None = None
+    poll_ms: int = 100
+    channels: dict[str, Channel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"learner.weight_transfer: unknown backend {self.backend!r} (expected {BACKENDS})")
+        if self.packed and self.backend != "nccl":
+            raise ValueError("packed weight transfer needs the nccl backend")
+        self._snapshot: Snapshot | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.refused = 0  # malformed or refused requests answered with an error
+        self._thread = threading.Thread(target=self._run, name="dcrl-transfer-server", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise RuntimeError(f"learner.zmq_transfer: cannot bind {self.endpoint}: {self._error}") from None
+
+    def set_snapshot(self, snap: Snapshot) -> None:
+        with self._lock:
+            self._snapshot = snap
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        with self._lock:
+            return self._snapshot
+
+    def handle(self, req: TransferRequest) -> TransferReply:
+        """The reply to one decoded request (starts a channel on join, queues a broadcast on pull)."""
+        if req.op == "join":
+            return self._join(req)
+        if req.op == "pull":
+            return self._pull(req)
+        return TransferReply(op=req.op, error=f"unknown op {req.op!r} (expected 'join' or 'pull')")
+
+    def _join(self, req: TransferRequest) -> TransferReply:
+        from buffer.server import free_port
+
+        if req.world_size < 1:
+            return TransferReply(op="join", error=f"world_size {req.world_size} < 1")
+        old = self.channels.pop(req.actor_id, None)
+        if old is not None:  # a restarted actor: its old group is dead
+            old.close()
+        port = free_port()
+        self.channels[req.actor_id] = Channel(req.actor_id, self.backend, self.host, port, 1 + req.world_size,
+                                              timeout_s=self.timeout_s, packed=self.packed,
+                                              device_index=self.device_index)
+        return TransferReply(op="join", backend=self.backend, master_address=self.host, master_port=port,
+                             world_size=1 + req.world_size, packed=self.packed, timeout_s=self.timeout_s)
+
+    def _pull(self, req: TransferRequest) -> TransferReply:
+        ch = self.channels.get(req.actor_id)
+        if ch is None:
+            return TransferReply(op="pull", rejoin=True, error=f"{req.actor_id} has not joined (or the learner "
+                                                                "restarted): join again")
+        if ch.broken:
+            self.channels.pop(req.actor_id, None)
+            return TransferReply(op="pull", rejoin=True, error=f"channel broken ({ch.error}): join again")
+        snap = self.snapshot
+        if snap is None:
+            return TransferReply(op="pull", error="no weights published yet")
+        if snap.version < req.version:
+            return TransferReply(op="pull", error=f"version {req.version} is not published (newest {snap.version})")
+        ch.send(snap)
+        return TransferReply(op="pull", version=snap.version, names=snap.names, dtype_names=snap.dtype_names,
+                             shapes=snap.shapes)
+
+    def _run(self) -> None:
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            self._error = e
+            sock.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(self.poll_ms):
+                    continue
+                frames = sock.recv_multipart()
+                envelope, payload = frames[:-1], frames[-1]
+                try:
+                    reply = self.handle(decode(payload, TransferRequest))
+                except ProtocolError as e:
+                    reply = TransferReply(op="", error=f"bad request: {e}")
+                if reply.error:
+                    self.refused += 1
+                    log.warning("weight transfer request refused: %s", reply.error)
+                sock.send_multipart([*envelope, encode(reply)])
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for ch in self.channels.values():
+            ch.close()
+        for ch in self.channels.values():
+            ch.join(timeout=5)
+        self.channels.clear()
