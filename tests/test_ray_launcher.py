@@ -1,5 +1,6 @@
 """The Ray launcher on a local single-node Ray (127.0.0.1): learner + 2 CPU actor replicas, one killed
-mid-run and restarted by Ray; the run completes and no buffer entry is lost."""
+mid-run and restarted by Ray; the run completes and no buffer entry is lost. With weights as files and
+broadcast over gloo (the restarted replica joins the learner's weight transfer again)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from buffer.server import free_port
@@ -33,7 +35,8 @@ def _wait_for(pred, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_server):
+@pytest.mark.parametrize("transport", ["files", "gloo"])
+def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_server, transport):
     run_dir = tmp_path / "runs" / "ray"
     sets = {
         "run.root": str(tmp_path / "runs"), "run.name": "ray",
@@ -43,6 +46,8 @@ def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_s
         "actor.group_size": "8", "actor.concurrency": "16", "actor.status_interval_s": "2",
         "actor.weights_cache_dir": str(tmp_path / "actor-weights"),
         "controller.mode": "sync", "redis.pending_timeout_s": "5",
+        "redis.prefix": f"ray-{transport}", "learner.weight_transfer": transport,
+        "learner.zmq_transfer": f"tcp://127.0.0.1:{free_port()}",
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     env = {**os.environ, "DCRL_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1",
@@ -71,13 +76,14 @@ def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_s
     assert log1.count("[ray] starting") >= 2, log1[-3000:]
     # The new replica rejoined at published weights newer than the initial model.
     after_restart = log1.split("[ray] starting")[-1]
-    assert re.search(r"loaded weights v[1-9]", after_restart), after_restart[-3000:]
+    assert re.search(r"(loaded|received) weights v[1-9]", after_restart), after_restart[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     # No entry lost: everything ever added to the stream was consumed (acked) or is still there, none dead.
     r = redis.Redis.from_url(redis_server.url)
-    info = r.xinfo_stream("dcrl:traj")
-    consumed = int(r.get("dcrl:consumed") or 0)
-    assert int(r.get("dcrl:dead_count") or 0) == 0
+    p = f"ray-{transport}"
+    info = r.xinfo_stream(f"{p}:traj")
+    consumed = int(r.get(f"{p}:consumed") or 0)
+    assert int(r.get(f"{p}:dead_count") or 0) == 0
     assert info["entries-added"] == consumed + info["length"]
     assert consumed == STEPS * BATCH
