@@ -73,8 +73,10 @@ def companion_files(model_dir: str | os.PathLike) -> list[Path]:
     return out
 
 
-def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir: str | os.PathLike) -> tuple[Path, str]:
-    """Write version ``version`` as a loadable HF directory, atomically; return (dir, sha256).
+def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir: str | os.PathLike,
+                      dtype: str | None = None) -> tuple[Path, str]:
+    """Write version ``version`` as a loadable HF directory (floating tensors in ``dtype`` when given),
+    atomically; return (dir, sha256).
 
     Built in ``weights/.tmp-vXXXXXX-<pid>`` then renamed. Re-publishing an existing version (a restarted
     learner whose Redis version ran ahead of its checkpoint) swaps the old directory out first.
@@ -85,7 +87,7 @@ def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    sha = write_weights(model, tmp)
+    sha = write_weights(model, tmp, dtype)
     for f in companion_files(model_dir):
         shutil.copy2(f, tmp / f.name)
     if final.exists():
@@ -215,8 +217,8 @@ class WeightPublisher:
         self.cfg = lcfg
         self.run_dir = Path(run_dir)
         self.model_dir = Path(model_dir)
-        # nccl/gloo send floating tensors in the actors' compute dtype (half the bytes of fp32 for bf16);
-        # vLLM would cast them on load anyway. Files keep the learner's dtype.
+        # Published weights are in the actors' compute dtype (half the bytes of fp32 for bf16), files and
+        # broadcasts alike: vLLM would round them to it on load anyway, so the actors serve the same values.
         self.wire_dtype = _TORCH_DTYPES.get(actor_dtype)
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -259,7 +261,7 @@ class WeightPublisher:
         if self.transfer is not None:
             return self._publish_snapshot(model, version)
         t0 = time.perf_counter()
-        path, sha = write_version_dir(model, self.run_dir, version, self.model_dir)
+        path, sha = write_version_dir(model, self.run_dir, version, self.model_dir, self.wire_dtype)
         self.files.remember(version, sha)
         prune_versions(self.run_dir, self.cfg.keep_versions, version)
         msg = WeightsReady(version=version, path=str(path.resolve()), sha256=sha, url=self.cfg.zmq_files,

@@ -36,19 +36,25 @@ def published_tensors(model) -> list[tuple[str, "object"]]:
     return items
 
 
-def export_state_dict(model) -> dict:
-    """The tensors to publish: contiguous CPU copies, ``lm_head.weight`` always present and unshared.
+def export_state_dict(model, dtype: str | None = None) -> dict:
+    """The tensors to publish: contiguous CPU copies, ``lm_head.weight`` always present and unshared,
+    floating ones cast to ``dtype`` (a torch dtype name) when given.
 
     safetensors refuses tensors that share storage, so the tied head is a separate copy (a copy even
     when untied: cheap next to the write, and never aliases the embedding).
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in published_tensors(model)}
+    import torch
+
+    cast = getattr(torch, dtype) if dtype else None
+    state = {k: v.detach().to(device="cpu", dtype=cast if cast is not None and v.is_floating_point() else v.dtype)
+             .contiguous() for k, v in published_tensors(model)}
     state["lm_head.weight"] = state["lm_head.weight"].clone()
     return state
 
 
-def write_weights(model, out_dir: str | os.PathLike) -> str:
-    """Write ``out_dir/model.safetensors`` atomically and return its sha256 hex digest.
+def write_weights(model, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
+    """Write ``out_dir/model.safetensors`` atomically (floating tensors in ``dtype`` when given) and return
+    its sha256 hex digest.
 
     The file is written to a temporary name in the same directory, fsynced, then renamed over the
     final name, so a reader sees either the previous complete file or the new complete one.
@@ -59,7 +65,7 @@ def write_weights(model, out_dir: str | os.PathLike) -> str:
     out.mkdir(parents=True, exist_ok=True)
     final = out / WEIGHTS_FILE
     tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(export_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(export_state_dict(model, dtype), str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)  # readable by actors running as other users on a shared filesystem
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

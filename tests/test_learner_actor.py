@@ -92,11 +92,20 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
     finally:
         cp.close()
     assert c.stop and c.version == steps and w.version == steps and w.transport == transport
+    # Every parameter was trained (the learner's own fp32 weights, from its last checkpoint).
+    from learner.checkpoint import load_latest
+
+    trained = load_file(str(load_latest(cfg.run.dir).path / "model.safetensors"))
+    common = sorted(set(initial) & set(trained))
+    assert len(common) >= len(initial) - 1  # the tied head is stored once in a checkpoint
+    unchanged = [k for k in common if torch.equal(initial[k], trained[k])]
+    assert not unchanged, f"parameters not trained: {unchanged}"
     if transport == "gloo":  # broadcast straight into vLLM: no weight file anywhere
         assert not (cfg.run.dir / "weights").exists() and not (tmp_path / "actor_weights").exists()
         assert "received weights v" in (tmp_path / "actor.log").read_text()
-        return
-    final = load_file(str(Path(w.path) / "model.safetensors"))
-    unchanged = [k for k in initial if torch.equal(initial[k], final[k])]
-    assert not unchanged, f"parameters not trained: {unchanged}"
+    else:  # the published file holds those weights in the actors' dtype (bf16), with the explicit head
+        published = load_file(str(Path(w.path) / "model.safetensors"))
+        assert "lm_head.weight" in published
+        for k in common:
+            assert published[k].dtype == torch.bfloat16 and torch.equal(published[k], trained[k].bfloat16()), k
     assert (cfg.run.dir / "report.png").stat().st_size > 10_000
