@@ -699,8 +699,12 @@ class Actor:
                 self._transfer.close()
             self._transfer = TransferClient(w.url, self.actor_id, timeout_s=self.cfg.actor.weights_fetch_timeout_s,
                                             world_size=self.engine.world_size)
+        pull = asyncio.ensure_future(self._transfer.pull_into(self.engine, w.version))
         try:
-            version, seconds = await self._transfer.pull_into(self.engine, w.version)
+            version, seconds = await self._race(pull)
+        except Stopping:  # e.g. waiting for a learner that is gone: stopping must not wait for the timeout
+            pull.cancel()
+            raise
         except TransferRefused as e:
             self.stats.refused_updates += 1
             log.warning("%s: weights v%d not received (keeping v%d, will retry): %s", self.actor_id, w.version,

@@ -3,6 +3,7 @@
     python -m buffer stats --config tiny [--json] [-n 5]   stream, pending per consumer, counters, control, dead letters
     python -m buffer dead  --config tiny [-n 20]           the last dead-letter reasons
     python -m buffer serve --config tiny                   exec redis-server on 127.0.0.1:<port of redis.url>
+                                                           (the password reaches it on stdin, not in argv)
 
 ``--config``/``--set`` are accepted before or after the command. Nothing heavy is imported here.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import urllib.parse
 from pathlib import Path
@@ -22,10 +22,11 @@ from configs.schema import RedisConfig, add_config_args, config_from_args
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
-def serve_command(cfg: RedisConfig) -> list[str]:
-    """redis-server command line for ``cfg``: bound to 127.0.0.1 on the port of ``redis.url``, password from
-    ``redis.password`` (or the URL), append-only persistence in ``redis.data_dir``. Refuses a non-loopback URL."""
-    from buffer.server import redis_server_args
+def serve_command(cfg: RedisConfig) -> tuple[list[str], bytes]:
+    """redis-server command line for ``cfg`` and the config to give it on stdin: bound to 127.0.0.1 on the port
+    of ``redis.url``, password from ``redis.password`` (or the URL) in the stdin config only (not visible in
+    ``ps``), append-only persistence in ``redis.data_dir``. Refuses a non-loopback URL."""
+    from buffer.server import redis_server_command
 
     u = urllib.parse.urlsplit(cfg.url)
     if u.scheme != "redis":
@@ -34,7 +35,7 @@ def serve_command(cfg: RedisConfig) -> list[str]:
         raise ValueError(f"redis.url host {u.hostname!r}: serve binds 127.0.0.1 only; point redis.url at "
                          "127.0.0.1, or run the server yourself where the config says")
     password = cfg.password or (urllib.parse.unquote(u.password) if u.password else None)
-    return redis_server_args(u.port or 6379, Path(cfg.data_dir).resolve(), password)
+    return redis_server_command(u.port or 6379, Path(cfg.data_dir).resolve(), password)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,15 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.command == "serve":
+        from buffer.server import exec_with_stdin
+
         try:
-            cmd = serve_command(cfg)
+            cmd, config = serve_command(cfg)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         print(f"[buffer] exec redis-server on 127.0.0.1:{cmd[cmd.index('--port') + 1]}, "
               f"append-only file in {Path(cfg.data_dir).resolve()}", file=sys.stderr, flush=True)
-        os.execv(cmd[0], cmd)
+        exec_with_stdin(cmd, config)  # same pid: honcho's SIGTERM/SIGINT reach redis-server directly
 
     import redis
 

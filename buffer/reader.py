@@ -12,14 +12,22 @@ Delivery is at least once. ``receive`` returns, in this order:
 
 1. this consumer's own pending entries (read once, from id 0): a learner restarted under the same
    consumer name gets back everything it had received and not acked;
-2. entries claimed with XAUTOCLAIM that another consumer has left pending longer than
-   ``redis.pending_timeout_s`` (a dead learner), so that value must exceed the longest time a live
-   learner holds entries before acking them;
+2. entries that another consumer has left pending longer than ``redis.pending_timeout_s`` (a dead
+   learner), found with XPENDING IDLE and taken over with XCLAIM, so that value must exceed the longest
+   time a live learner holds entries before acking them. Entries this reader holds are never claimed
+   (XAUTOCLAIM would claim them too and count a delivery each time);
 3. new entries (XREADGROUP ``>``), waiting up to ``block_ms`` only when 1 and 2 gave nothing.
 
 Every entry is validated with ``protocol.decode_group`` (vocab size, current version). An invalid one
 is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
-returned; a valid one is never dropped.
+returned; a valid one is never dropped, except a poison one:
+
+Redis counts the deliveries of each pending entry (XPENDING's times-delivered: 1 for XREADGROUP ``>``,
++1 for each re-read of the consumer's own pending entries and each XCLAIM). An entry that comes back
+through 1 or 2 after ``redis.max_deliveries`` deliveries without an ack (say it crashes the learner on
+every restart) is dead-lettered like an invalid one, with a reason naming the count and the consumer
+that last held it, instead of being delivered again. Every entry of a batch that keeps crashing the
+learner shares that fate, not only the culprit; their bytes stay in ``<prefix>:dead``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from buffer.connection import SOCKET_TIMEOUT_S, Retrier, connect
 from buffer.keys import Keys
 
 log = logging.getLogger("dcrl.buffer")
+
+# Pending entries one reclaim step looks at (at least): the entries this reader holds are skipped.
+RECLAIM_SCAN = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +81,8 @@ class GroupReader:
         self._dead_letter = self.client.register_script(DEAD_LETTER_LUA)
         self._held: set[str] = set()  # ids returned by receive() and not acked yet
         self._own_cursor: str | None = "0"  # id after which to read our own pending entries; None once done
-        self._claim_cursor = "0-0"  # XAUTOCLAIM scan position
-        self._last_scan_end = float("-inf")  # when the last full XAUTOCLAIM scan finished
+        self._claim_cursor = "0-0"  # reclaim scan position: last pending id looked at ("0-0": start over)
+        self._last_scan_end = float("-inf")  # when the last full reclaim scan finished
         self.dead = 0  # entries this reader dead-lettered
         self._retry.call(self._ensure_group)
 
@@ -86,14 +97,14 @@ class GroupReader:
         block = clamp_block_ms(self.cfg.read_block_ms if block_ms is None else block_ms)
         out: list[Entry] = []
         while self._own_cursor is not None and len(out) < max_groups:
-            out += self._valid(self._retry.call(self._read_own_pending, max_groups - len(out)), current_version)
+            out += self._valid(*self._retry.call(self._read_own_pending, max_groups - len(out)), current_version)
         if len(out) < max_groups and self._reclaim_due():
-            out += self._valid(self._retry.call(self._reclaim, max_groups - len(out)), current_version)
+            out += self._valid(*self._retry.call(self._reclaim, max_groups - len(out)), current_version)
         while len(out) < max_groups:
             raw = self._retry.call(self._read_new, max_groups - len(out), None if out else block)
             if not raw:
                 break
-            out += self._valid(raw, current_version)
+            out += self._valid(raw, {}, current_version)
             block = None  # wait at most once per call
         return out
 
@@ -143,14 +154,18 @@ class GroupReader:
             reply = self.client.xreadgroup(**args)
         return reply[0][1] if reply else []
 
-    def _read_own_pending(self, count: int) -> list:
-        """Next page of this consumer's pending entries; marks the history done when a page comes back empty."""
+    def _read_own_pending(self, count: int) -> tuple[list, dict[str, tuple[int, str]]]:
+        """Next page of this consumer's pending entries and their delivery counts (this read included);
+        marks the history done when a page comes back empty."""
         page = self._xreadgroup(self._own_cursor, count, None)
         if not page:
             self._own_cursor = None
-            return []
+            return [], {}
+        # The page is a contiguous run of our own pending list: XPENDING over its id range lists exactly it.
+        rows = self.client.xpending_range(self.keys.traj, self.cfg.consumer_group, min=page[0][0],
+                                          max=page[-1][0], count=len(page), consumername=self.consumer)
         self._own_cursor = page[-1][0].decode()
-        return page
+        return page, {r["message_id"].decode(): (int(r["times_delivered"]), self.consumer) for r in rows}
 
     def _reclaim_due(self) -> bool:
         """Scan for abandoned entries while a scan is under way, else at most every ``pending_timeout_s / 4``
@@ -158,33 +173,57 @@ class GroupReader:
         return self._claim_cursor != "0-0" or (
             time.monotonic() - self._last_scan_end >= self.cfg.pending_timeout_s / 4)
 
-    def _reclaim(self, count: int) -> list:
-        """One XAUTOCLAIM step: entries idle longer than ``pending_timeout_s`` under any consumer become ours.
-        Our own unacked entries may come back (their idle time grows while the learner trains); skip them."""
+    def _reclaim(self, count: int) -> tuple[list, dict[str, tuple[int, str]]]:
+        """One scan step: up to ``count`` entries idle longer than ``pending_timeout_s`` that this reader does
+        not hold become ours (XPENDING IDLE lists them with their consumer and delivery count, XCLAIM takes
+        them unless another consumer got there first). Returns them and their delivery counts after the claim.
+
+        Not XAUTOCLAIM: it would also claim the entries we hold (idle while the learner trains towards its
+        next checkpoint) and count a delivery each time, so a learner that restarted after holding a batch
+        for a few ``pending_timeout_s`` would find it over ``max_deliveries``."""
+        idle_ms = int(self.cfg.pending_timeout_s * 1000)
+        page = max(count, RECLAIM_SCAN)
+        start = "-" if self._claim_cursor == "0-0" else "(" + self._claim_cursor
         try:
-            cursor, claimed, *_deleted = self.client.xautoclaim(
-                self.keys.traj, self.cfg.consumer_group, self.consumer,
-                min_idle_time=int(self.cfg.pending_timeout_s * 1000), start_id=self._claim_cursor, count=count)
+            rows = self.client.xpending_range(self.keys.traj, self.cfg.consumer_group, min=start, max="+",
+                                              count=page, idle=idle_ms)
         except redis.exceptions.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             self._ensure_group()
-            return []
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        if self._claim_cursor == "0-0":
+            return [], {}
+        candidates: dict[str, tuple[int, str]] = {}  # id -> (delivery count once claimed, consumer it left)
+        looked = 0
+        for r in rows:
+            if len(candidates) == count:
+                break
+            looked += 1
+            sid = r["message_id"].decode()
+            if sid not in self._held:
+                candidates[sid] = (int(r["times_delivered"]) + 1, r["consumer"].decode(errors="replace"))
+        done = looked == len(rows) < page  # the scan reached the end of the pending list
+        claimed = []
+        if candidates:
+            # min_idle_time again: an entry its consumer touched (or another reader claimed) since the XPENDING
+            # is left alone. Entries deleted from the stream are dropped from the pending list (Redis >= 7).
+            claimed = self.client.xclaim(self.keys.traj, self.cfg.consumer_group, self.consumer,
+                                         min_idle_time=idle_ms, message_ids=list(candidates))
+        self._claim_cursor = "0-0" if done else rows[looked - 1]["message_id"].decode()
+        if done:
             self._last_scan_end = time.monotonic()
-        fresh = [e for e in claimed if e[0].decode() not in self._held]
-        if fresh:
-            log.info("reader %s: reclaimed %d entries left pending by another consumer", self.consumer, len(fresh))
-        return fresh
+        if claimed:
+            log.info("reader %s: reclaimed %d entries left pending by another consumer", self.consumer, len(claimed))
+        return claimed, candidates
 
     def _read_new(self, count: int, block: int | None) -> list:
         return self._xreadgroup(">", count, block)
 
     # -- validation ----------------------------------------------------------------------------------
 
-    def _valid(self, raw: list, current_version: int | None) -> list[Entry]:
-        """Decode and validate raw (id, fields) pairs; dead-letter the invalid ones, return the rest."""
+    def _valid(self, raw: list, deliveries: dict[str, tuple[int, str]], current_version: int | None) -> list[Entry]:
+        """Decode and validate raw (id, fields) pairs; dead-letter the invalid ones and those delivered more
+        than ``max_deliveries`` times (``deliveries``: id -> (count, last consumer) of re-deliveries), return
+        the rest."""
         out = []
         for rid, fields in raw:
             sid = rid.decode()
@@ -192,6 +231,12 @@ class GroupReader:
                 # Still pending but deleted from the stream (by hand, or trimmed): nothing to deliver;
                 # clear it from our pending list so it is not read again.
                 self._retry.call(self.client.xack, self.keys.traj, self.cfg.consumer_group, sid)
+                continue
+            times, last = deliveries.get(sid, (1, self.consumer))
+            if times > self.cfg.max_deliveries:
+                # Checked before decoding: the decode itself may be what crashes the learner.
+                self._send_to_dead(sid, f"delivered {times - 1} times without an ack (redis.max_deliveries="
+                                   f"{self.cfg.max_deliveries}); last consumer {last!r}", fields.get(b"data", b""))
                 continue
             data = fields.get(b"data")
             if data is None:

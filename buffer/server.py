@@ -18,14 +18,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_server_args(port: int, data_dir: str | os.PathLike, password: str | None = None,
-                      appendonly: bool = True) -> list[str]:
-    """Command line of a loopback-only redis-server with append-only persistence in ``data_dir``."""
+def redis_server_command(port: int, data_dir: str | os.PathLike, password: str | None = None,
+                         appendonly: bool = True) -> tuple[list[str], bytes]:
+    """Command line of a loopback-only redis-server with append-only persistence in ``data_dir``, and the
+    config it must be given on stdin (the ``-`` argument): ``requirepass`` goes there, never into argv,
+    where ``ps`` and /proc/<pid>/cmdline would show it (redis-server retitles itself, but only once started)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found on PATH: run `make setup` (installs Debian's redis-server)")
     args = [
         exe,
+        "-",  # read a config from stdin first; the options below are applied after it
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--dir", str(data_dir),
@@ -36,9 +39,38 @@ def redis_server_args(port: int, data_dir: str | os.PathLike, password: str | No
         "--daemonize", "no",
         "--loglevel", "warning",
     ]
-    if password:
-        args += ["--requirepass", password]
-    return args
+    config = f"requirepass {config_quote(password)}\n".encode() if password else b""
+    return args, config
+
+
+def config_quote(value: str) -> str:
+    """``value`` as one double-quoted redis.conf argument: bytes other than printable ASCII, ``"`` and ``\\``
+    are written as ``\\xHH``, which redis-server decodes back to the same bytes (UTF-8 for non-ASCII)."""
+    out = []
+    for b in value.encode():
+        out.append(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02x}")
+    return '"' + "".join(out) + '"'
+
+
+def stdin_pipe(data: bytes) -> int:
+    """Read end of a pipe that holds ``data`` and is closed for writing: a child's stdin that needs nobody to
+    feed it (and no write that could race the child's exit). ``data`` must fit the pipe buffer."""
+    if len(data) > 4096:
+        raise ValueError(f"{len(data)} bytes for a child's stdin; at most 4096 fit the pipe buffer")
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    finally:
+        os.close(w)
+    return r
+
+
+def exec_with_stdin(args: list[str], stdin: bytes) -> None:
+    """Replace this process with ``args`` reading ``stdin`` (same pid: signals reach the new program directly)."""
+    r = stdin_pipe(stdin)
+    os.dup2(r, 0)
+    os.close(r)
+    os.execv(args[0], args)
 
 
 @dataclass
@@ -57,10 +89,12 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            redis_server_args(self.port, self.data_dir, self.password, self.appendonly),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        args, config = redis_server_command(self.port, self.data_dir, self.password, self.appendonly)
+        stdin = stdin_pipe(config)
+        try:
+            self.proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            os.close(stdin)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

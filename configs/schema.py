@@ -50,7 +50,11 @@ class RedisConfig(_Strict):
     consumer_group: str = "learners"
     """Consumer group of the learners on ``<prefix>:traj`` (created idempotently by the reader)."""
     pending_timeout_s: float = Field(60.0, gt=0)
-    """Entries pending longer than this on a consumer are reclaimed by another one (XAUTOCLAIM)."""
+    """Entries pending longer than this on a consumer are reclaimed by another one (XCLAIM)."""
+    max_deliveries: int = Field(5, ge=1)
+    """An entry handed to learners this many times without an ack (each restart of the consumer that held
+    it, or a reclaim after ``pending_timeout_s``, delivers it again) is moved to ``<prefix>:dead`` instead
+    of being delivered once more: a group that crashes the learner cannot crash it forever."""
     read_block_ms: int = Field(500, ge=1)
     """Longest wait of one ``GroupReader.receive`` call for new entries (XREADGROUP BLOCK)."""
     max_held_groups: int = Field(1024, ge=1)

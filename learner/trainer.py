@@ -226,8 +226,8 @@ class Learner:
     def collect(self) -> tuple[list, float]:
         """Entries for one step (``batch_groups`` of them) and the seconds spent waiting for them.
 
-        An id already trained since the last checkpoint is skipped: a reclaim (XAUTOCLAIM of an entry idle
-        past ``redis.pending_timeout_s`` while it waits for its checkpoint) must not train it twice."""
+        An id already trained since the last checkpoint is skipped, as a guard: the reader never hands back
+        entries it holds (its reclaim skips them), and an entry must not be trained twice whatever happens."""
         need = self.cfg.learner.batch_groups
         t0 = time.monotonic()
         deadline = t0 + self.cfg.learner.wait_timeout_s

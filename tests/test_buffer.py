@@ -374,6 +374,22 @@ def test_wrong_or_missing_password_fails_at_start_naming_the_setting(tmp_path):
         server.stop()
 
 
+def test_redis_server_gets_its_password_on_stdin_not_in_its_command_line(tmp_path):
+    password = 'hunter2 "quoted" \\ \xe9'
+    server = start_redis(tmp_path / "r", password=password)
+    try:
+        assert password not in server.proc.args and not any("requirepass" in a for a in server.proc.args)
+        cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+        assert connect(fast_cfg(server.url, password=password)).ping()
+        with pytest.raises(RuntimeError, match="redis.password"):
+            connect(fast_cfg(server.url, password="hunter2"))
+        server.restart()  # the password is given again on every start
+        assert connect(fast_cfg(server.url, password=password)).ping()
+    finally:
+        server.stop()
+
+
 def test_connect_gives_up_after_connect_timeout_when_no_server(tmp_path):
     cfg = fast_cfg(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=0.5)
     t0 = time.monotonic()

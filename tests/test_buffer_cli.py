@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +113,72 @@ def test_serve_cli_runs_loopback_redis_with_password_and_append_only_file(tmp_pa
         proc.stderr.close()
 
 
+class CmdlineWatcher:
+    """Samples /proc/<pid>/cmdline in a tight loop from before the process execs redis-server until stopped."""
+
+    def __init__(self, pid: int):
+        self.pid, self.samples, self._stop = pid, set(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.add(Path(f"/proc/{self.pid}/cmdline").read_bytes())
+            except OSError:
+                return
+
+    def stop(self) -> set[bytes]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.samples
+
+
+# Quote, backslash, space, newline and non-ASCII: all must survive the trip through redis.conf quoting.
+NASTY_PASSWORD = 'p@ss "w\\ord"\nwith spaces é'
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_keeps_the_password_out_of_the_command_line_and_stops_on_signal(tmp_path, sig):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    env = {**CLEAN_ENV, "DCRL_REDIS_PASSWORD": NASTY_PASSWORD}  # as the Procfile's .env passes it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "buffer", "serve", "--config", "tiny", "--set", f"redis.url={url}",
+         "--set", f"redis.data_dir={tmp_path / 'redis-data'}"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watcher = CmdlineWatcher(proc.pid)
+    try:
+        client = connect(RedisConfig(url=url, password=NASTY_PASSWORD, connect_timeout_s=10.0))
+        assert client.ping()
+        info = client.info("server")
+        assert info["process_id"] == proc.pid  # exec'd: the pid honcho signals is redis-server's
+        client.close()
+        for wrong in (None, "wrong", NASTY_PASSWORD[:-1]):
+            with pytest.raises(RuntimeError, match="redis.password"):
+                connect(RedisConfig(url=url, password=wrong, connect_timeout_s=2.0))
+        samples = watcher.stop()
+        assert any(b"redis-server" in s for s in samples)
+        secret = NASTY_PASSWORD.encode()
+        assert not any(secret in s or b"requirepass" in s for s in samples), samples
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0  # redis-server shuts down cleanly on SIGTERM and SIGINT
+    finally:
+        watcher.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 def test_serve_refuses_a_non_loopback_url():
     with pytest.raises(ValueError, match="127.0.0.1 only"):
         serve_command(RedisConfig(url="redis://10.1.2.3:6379/0"))
-    cmd = serve_command(RedisConfig(url="redis://localhost:6400/0", password="x", data_dir="/tmp/d"))
+    cmd, config = serve_command(RedisConfig(url="redis://localhost:6400/0", password="x", data_dir="/tmp/d"))
     assert cmd[cmd.index("--bind") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "6400"
-    assert cmd[cmd.index("--requirepass") + 1] == "x" and cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[1] == "-" and "--requirepass" not in cmd and "x" not in cmd  # the password goes on stdin
+    assert config == b'requirepass "x"\n'
 
 
 def test_stats_cli_without_a_server_fails_with_one_clear_line():

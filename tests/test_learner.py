@@ -200,9 +200,10 @@ def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_pat
     w = cp.latest_weights()
     assert w.version == 3 and sha256_file(Path(w.path) / "model.safetensors") == w.sha256
     published = load_file(str(Path(w.path) / "model.safetensors"))
+    wire = getattr(torch, cfg.actor.dtype)  # published in the actors' compute dtype
     for k, p in learner.model.state_dict().items():
-        assert torch.equal(published[k], p), k
-    assert torch.equal(published["lm_head.weight"], learner.model.get_input_embeddings().weight.detach())
+        assert published[k].dtype == wire and torch.equal(published[k], p.to(wire)), k
+    assert torch.equal(published["lm_head.weight"], learner.model.get_input_embeddings().weight.detach().to(wire))
 
     # Every entry trained once, acked only through checkpoints: the stream is empty, nothing pending.
     assert stream_state(cfg) == (0, 0)
