@@ -336,9 +336,26 @@ def resolve_preset(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+def _env_overrides(env: dict[str, str]) -> list[str]:
+    """``DCRL_SET="learner.steps=50 learner.weight_transfer=gloo"``: overrides every dcrl process of a job
+    applies (shell-style words; quote a value with spaces), before the command line's ``--set``."""
+    import shlex
+
+    raw = env.get("DCRL_SET", "").strip()
+    if not raw:
+        return []
+    try:
+        return shlex.split(raw)
+    except ValueError as e:
+        raise ConfigError(f"DCRL_SET: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 env: dict[str, str] | None = None) -> DcrlConfig:
-    """Load and validate a TOML config; ``overrides`` are ``section.key=value`` strings applied on top."""
+    """Load and validate a TOML config; ``overrides`` are ``section.key=value`` strings applied on top.
+
+    Precedence, lowest first: the file, ``DCRL_SET`` (env), ``overrides`` (``--set``), then
+    ``DCRL_REDIS_URL`` / ``DCRL_REDIS_PASSWORD`` (env)."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source = "<defaults>"
@@ -349,7 +366,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    for item in overrides or []:
+    from_env = _env_overrides(env)
+    if from_env:
+        source += " (with DCRL_SET)"
+    for item in from_env + list(overrides or []):
         _set_dotted(data, *_parse_override(item))
     if env.get("DCRL_REDIS_URL"):
         _set_dotted(data, "redis.url", env["DCRL_REDIS_URL"])

@@ -112,3 +112,14 @@ def test_cli_help_is_fast_and_light(module):
     assert proc.returncode == 0, proc.stderr
     assert "--config" in proc.stdout
     assert "HEAVY []" in proc.stdout
+
+
+def test_dcrl_set_env_overrides_below_the_command_line():
+    env = {"DCRL_SET": "learner.weight_transfer=gloo learner.steps=7 'run.name=with space'"}
+    cfg = load_config("tiny", env=env)
+    assert (cfg.learner.weight_transfer, cfg.learner.steps, cfg.run.name) == ("gloo", 7, "with space")
+    assert load_config("tiny", ["learner.steps=9"], env=env).learner.steps == 9  # --set wins
+    with pytest.raises(ConfigError, match=r"with DCRL_SET\): learner.stepz"):
+        load_config("tiny", env={"DCRL_SET": "learner.stepz=3"})
+    with pytest.raises(ConfigError, match="DCRL_SET: No closing quotation"):
+        load_config("tiny", env={"DCRL_SET": "run.name='open"})
