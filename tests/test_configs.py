@@ -115,9 +115,9 @@ def test_cli_help_is_fast_and_light(module):
 
 
 def test_dcrl_set_env_overrides_below_the_command_line():
-    env = {"DCRL_SET": "learner.weight_transfer=gloo learner.steps=7 'run.name=with space'"}
+    env = {"DCRL_SET": "learner.weight_transfer=gloo learner.steps=7 'env.kwargs={hint = \"a b\"}'"}
     cfg = load_config("tiny", env=env)
-    assert (cfg.learner.weight_transfer, cfg.learner.steps, cfg.run.name) == ("gloo", 7, "with space")
+    assert (cfg.learner.weight_transfer, cfg.learner.steps, cfg.env.kwargs) == ("gloo", 7, {"hint": "a b"})
     assert load_config("tiny", ["learner.steps=9"], env=env).learner.steps == 9  # --set wins
     with pytest.raises(ConfigError, match=r"with DCRL_SET\): learner.stepz"):
         load_config("tiny", env={"DCRL_SET": "learner.stepz=3"})
