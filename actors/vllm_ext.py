@@ -9,6 +9,7 @@ modules that must load before vLLM (``actors.engine`` sets vLLM's environment fi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,17 @@ class GlooWeightTransferEngine(NCCLWeightTransferEngine):
                 self.model.load_weights([(name, weight)])
                 del weight
 
+
+class _QuietRotaryReload(logging.Filter):
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" at every weight update: a
+    rotary embedding has nothing to load (its cos/sin cache is computed, and put back as it was). Measured:
+    one such line per update per worker, on the files and collective paths alike; nothing else is hidden."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
 
 if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
     WeightTransferEngineFactory.register_engine(GLOO_BACKEND, GlooWeightTransferEngine)

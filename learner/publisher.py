@@ -13,7 +13,7 @@ The learner drives it::
   from the model directory). It is built under a temp name and renamed, so an actor never sees a half
   written version; the newest ``keep_versions`` are kept.
 - PUB socket at ``cfg.zmq_pub``: one frame, ``encode(WeightsReady)``.
-- ROUTER socket at ``cfg.zmq_files`` (its own thread, which alone touches that socket): a DEALER sends
+- ROUTER socket at ``cfg.zmq_files`` (``learner.router.RouterServer``: its own thread): a DEALER sends
   ``encode(FetchChunk)`` and receives ``[encode(ChunkHeader), bytes]``; unknown or pruned versions and
   malformed requests get a header with ``error`` set and an empty data frame. :func:`fetch_weights` is the
   client.
@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from learner.router import RouterServer
 from learner.weights_io import WEIGHTS_FILE, sha256_file, write_weights
 from protocol.messages import ChunkHeader, FetchChunk, ProtocolError, WeightsReady, decode, encode
 
@@ -109,28 +110,19 @@ def prune_versions(run_dir: str | os.PathLike, keep: int, current: int) -> list[
     return doomed
 
 
-class WeightFileServer:
-    """ZMQ ROUTER thread serving chunks of ``weights/vXXXXXX/model.safetensors`` for any kept version.
+class WeightFileServer(RouterServer):
+    """ROUTER thread serving chunks of ``weights/vXXXXXX/model.safetensors`` for any kept version.
 
-    The socket is created, used and closed inside the thread (ZMQ sockets are not thread-safe);
     :meth:`close` stops it. Digests are cached per (version, inode, mtime) so a re-published version
     is re-hashed.
     """
 
     def __init__(self, endpoint: str, run_dir: str | os.PathLike, poll_ms: int = 100):
-        self.endpoint = endpoint
         self.run_dir = Path(run_dir)
-        self._poll_ms = poll_ms
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._sha: dict[tuple[int, int, int], str] = {}
-        self._thread = threading.Thread(target=self._run, name="dcrl-weight-files", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise RuntimeError(f"weight file server could not bind {endpoint}: {self._error}") from self._error
+        super().__init__(endpoint, "learner.zmq_files (weight file server)", thread_name="dcrl-weight-files",
+                         poll_ms=poll_ms)
 
     def remember(self, version: int, sha256: str) -> None:
         """Seed the digest cache (the publisher just computed it while writing)."""
@@ -166,42 +158,13 @@ class WeightFileServer:
         sha = self._digest(req.version, path, st)
         return ChunkHeader(version=req.version, offset=req.offset, total=st.st_size, sha256=sha), data
 
-    def _run(self) -> None:
-        import zmq
-
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+    def reply(self, payload: bytes) -> list[bytes]:
         try:
-            sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
-            self._error = e
-            sock.close()
-            self._ready.set()
-            return
-        self._ready.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                if not poller.poll(self._poll_ms):
-                    continue
-                frames = sock.recv_multipart()
-                # [identity, (empty delimiter,) payload]: reply on the same envelope.
-                envelope, payload = frames[:-1], frames[-1]
-                try:
-                    req = decode(payload, FetchChunk)
-                except ProtocolError as e:
-                    header, data = ChunkHeader(version=-1, offset=0, total=0, sha256="", error=f"bad request: {e}"), b""
-                else:
-                    header, data = self.serve_chunk(req)
-                sock.send_multipart([*envelope, encode(header), data])
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+            req = decode(payload, FetchChunk)
+        except ProtocolError as e:
+            return [encode(ChunkHeader(version=-1, offset=0, total=0, sha256="", error=f"bad request: {e}")), b""]
+        header, data = self.serve_chunk(req)
+        return [encode(header), data]
 
 
 class WeightPublisher:

@@ -39,8 +39,9 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from learner.router import RouterServer
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, decode, encode
 
 log = logging.getLogger("dcrl.transfer")
@@ -262,39 +263,26 @@ class Channel:
 # ------------------------------------------------------------------ server
 
 
-@dataclass
-class TransferServer:
+class TransferServer(RouterServer):
     """ROUTER thread at ``endpoint`` answering join and pull requests; see the module docstring.
 
     ``set_snapshot`` is called by the training thread at each publish; everything else runs in the
-    server thread (which alone touches the socket) and the channels' threads.
+    server thread and the channels' threads.
     """
 
-    endpoint: str
-    backend: str
-    host: str = "127.0.0.1"
-    timeout_s: float = 120.0
-    packed: bool = False
-    device_index: int | None = None
-    poll_ms: int = 100
-    channels: dict[str, Channel] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"learner.weight_transfer: unknown backend {self.backend!r} (expected {BACKENDS})")
-        if self.packed and self.backend != "nccl":
+    def __init__(self, endpoint: str, backend: str, *, host: str = "127.0.0.1", timeout_s: float = 120.0,
+                 packed: bool = False, device_index: int | None = None, poll_ms: int = 100):
+        if backend not in BACKENDS:
+            raise ValueError(f"learner.weight_transfer: unknown backend {backend!r} (expected {BACKENDS})")
+        if packed and backend != "nccl":
             raise ValueError("packed weight transfer needs the nccl backend")
+        self.backend, self.host, self.timeout_s = backend, host, timeout_s
+        self.packed, self.device_index = packed, device_index
+        self.channels: dict[str, Channel] = {}  # touched by the server thread only (and close)
+        self.refused = 0  # malformed or refused requests answered with an error
         self._snapshot: Snapshot | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.refused = 0  # malformed or refused requests answered with an error
-        self._thread = threading.Thread(target=self._run, name="dcrl-transfer-server", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise RuntimeError(f"learner.zmq_transfer: cannot bind {self.endpoint}: {self._error}") from None
+        super().__init__(endpoint, "learner.zmq_transfer", thread_name="dcrl-transfer-server", poll_ms=poll_ms)
 
     def set_snapshot(self, snap: Snapshot) -> None:
         with self._lock:
@@ -345,39 +333,18 @@ class TransferServer:
         return TransferReply(op="pull", version=snap.version, names=snap.names, dtype_names=snap.dtype_names,
                              shapes=snap.shapes)
 
-    def _run(self) -> None:
-        import zmq
-
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+    def reply(self, payload: bytes) -> list[bytes]:
         try:
-            sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
-            self._error = e
-            sock.close()
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(self.poll_ms):
-                    continue
-                frames = sock.recv_multipart()
-                envelope, payload = frames[:-1], frames[-1]
-                try:
-                    reply = self.handle(decode(payload, TransferRequest))
-                except ProtocolError as e:
-                    reply = TransferReply(op="", error=f"bad request: {e}")
-                if reply.error:
-                    self.refused += 1
-                    log.warning("weight transfer request refused: %s", reply.error)
-                sock.send_multipart([*envelope, encode(reply)])
-        finally:
-            sock.close()
+            reply = self.handle(decode(payload, TransferRequest))
+        except ProtocolError as e:
+            reply = TransferReply(op="", error=f"bad request: {e}")
+        if reply.error:
+            self.refused += 1
+            log.warning("weight transfer request refused: %s", reply.error)
+        return [encode(reply)]
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().close()
         for ch in self.channels.values():
             ch.close()
         for ch in self.channels.values():
