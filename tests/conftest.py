@@ -99,3 +99,27 @@ def redis_server(tmp_path) -> RedisServer:
 @pytest.fixture
 def redis_url(redis_server) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop per test module: vLLM's output handler task lives on the loop of the first request,
+    so every test of a module that shares one engine must run on the same loop."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+def start_cpu_engine(loop, cfg, model_dir):
+    """An actors.engine.Engine on vLLM CPU (1 GB KV cache, one thread), its processes given vLLM's CPU
+    environment while this process keeps its own."""
+    from actors.engine import Engine
+    from learner.tiny import vllm_cpu_env
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():
+            mp.setenv(k, v)
+        return loop.run_until_complete(Engine.start(cfg, model_dir))

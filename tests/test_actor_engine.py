@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from actors.actor import Actor, EpisodeLimits, TextCodec, run_episode
-from actors.engine import Engine
 from buffer.admission import admission_capacity
 from actors.envs import GuessNumber, make_env
 from buffer.server import free_port
 from configs.schema import load_config
+from conftest import start_cpu_engine
 from protocol.messages import Control, decode_group
 
 # Same fast build and directory as test_engine_mismatch.py: whichever module runs first builds it.
@@ -43,15 +43,6 @@ def actor_cfg(tiny_dir, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    # One loop for the module: vLLM's output handler task lives on the loop of the first request.
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def served(tiny_dir):
     """version -> directory of the weights the module's engine has been given (version 0: the model dir)."""
     return {0: tiny_dir}
@@ -59,12 +50,7 @@ def served(tiny_dir):
 
 @pytest.fixture(scope="module")
 def engine(loop, tiny_dir):
-    from learner.tiny import vllm_cpu_env
-
-    with pytest.MonkeyPatch.context() as mp:  # the engine processes inherit these; this process keeps its own
-        for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():
-            mp.setenv(k, v)
-        eng = loop.run_until_complete(Engine.start(actor_cfg(tiny_dir), tiny_dir))
+    eng = start_cpu_engine(loop, actor_cfg(tiny_dir), tiny_dir)
     yield eng
     loop.run_until_complete(eng.shutdown())
 

@@ -16,7 +16,7 @@ import zmq
 
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import FAST_TINY
+from conftest import FAST_TINY, start_cpu_engine
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, WeightsReady, decode, encode
 from test_actor_engine import load_model, reference_logprobs
 
@@ -31,27 +31,13 @@ def gloo_cfg(model_dir, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def cfg(tiny_model_dir):
     return gloo_cfg(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def engine(loop, cfg, tiny_model_dir):
-    from actors.engine import Engine
-    from learner.tiny import vllm_cpu_env
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():
-            mp.setenv(k, v)
-        eng = loop.run_until_complete(Engine.start(cfg, tiny_model_dir))
+    eng = start_cpu_engine(loop, cfg, tiny_model_dir)
     yield eng
     loop.run_until_complete(eng.shutdown())
 
