@@ -236,6 +236,10 @@ class ControllerConfig(_Strict):
     kd: float = Field(0.1, ge=0)
     ema_alpha: float = Field(0.5, gt=0, le=1)
     """PID only: weight of the newest error in the EMA that feeds the proportional term."""
+    d_alpha: float = Field(1.0, gt=0, le=1)
+    """Weight of the newest batch in the running average of D that the dual update reacts to (1: each
+    batch's own D). Small batches measure D with much noise, and a dual that follows each of them swings K
+    between K_min and K_max from one step to the next."""
     fit_alpha: float = Field(0.3, gt=0, le=1)
     """Weight of the newest batch in the running engine-floor and lag-slope estimates behind K(lambda)."""
     beta_max: float = Field(5.0, gt=1)

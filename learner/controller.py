@@ -1,6 +1,7 @@
 """The DCMDP controller: from measured discrepancy D to the Lagrange multiplier lambda and its three uses.
 
-Constraint D <= delta, normalised violation e = (D - delta) / delta. The multiplier follows either
+Constraint D <= delta, normalised violation e = (D_avg - delta) / delta, where D_avg is a running average
+of the per-batch D (``controller.d_alpha``; 1 = the raw batch value). The multiplier follows either
 
     dual ascent:  lambda <- clip(lambda + eta * e, 0, lambda_max)
     PID:          I <- clip(I + Ki * e, 0, lambda_max);  E <- a * e + (1 - a) * E
@@ -141,7 +142,7 @@ class ControllerOutput:
     beta: float
     k: int  # staleness cap K (Control.max_staleness)
     delta: float  # tolerance in force (provisional while an auto delta is still being measured)
-    err: float  # normalised violation (D - delta) / delta of this observation
+    err: float  # normalised violation (D_avg - delta) / delta that the dual update used
     phase: str  # 'warmup' | 'active'
     d: float  # the D observed
     engine: float | None  # smoothed engine floor used by the throttle
@@ -182,6 +183,7 @@ class DCMDPController:
         self.engine: float | None = None
         self.kappa: float | None = None
         self.lag_curve: dict[int, tuple[float, float]] = {}  # lag -> (averaged D, averaged token count)
+        self.d_avg: float | None = None  # running average of D that the dual update reacts to
         self.last: ControllerOutput | None = None
 
     @property
@@ -239,10 +241,12 @@ class DCMDPController:
         delta = self._tolerance()
         if self.delta is None and not self.in_warmup:
             self.delta = delta  # warm-up over: freeze the auto tolerance
-        err = normalised_violation(d, delta)
+        # The dual reacts to a running average of D (weight d_alpha on this batch): see ControllerConfig.
+        self.d_avg = ema_update(self.d_avg, d, self.cfg.d_alpha)
+        err = normalised_violation(self.d_avg, delta)
         if self.adaptive and phase == "active":
-            self.lam = self._dual_update(d, err, delta)
-        self.pid.prev_d = d
+            self.lam = self._dual_update(self.d_avg, err, delta)
+        self.pid.prev_d = self.d_avg
         self.last = self._output(d, err, phase)
         return self.last
 
@@ -268,8 +272,14 @@ class DCMDPController:
         return {"format": STATE_FORMAT, "mode": self.cfg.mode, "n_observed": self.n_observed,
                 "lam": self.lam, "delta": self.delta, "warmup_floors": list(self.warmup_floors),
                 "pid": asdict(self.pid), "engine": self.engine, "kappa": self.kappa,
-                "lag_curve": [[lag, m, n] for lag, (m, n) in sorted(self.lag_curve.items())],
+                "lag_curve": [[lag, m, n] for lag, (m, n) in sorted(self.lag_curve.items())], "d_avg": self.d_avg,
                 "last": None if self.last is None else asdict(self.last)}
+
+    @staticmethod
+    def last_d(state: dict[str, Any]) -> float | None:
+        """The D of a checkpoint's last output (the running average of checkpoints written before it existed)."""
+        last = state.get("last")
+        return None if last is None or not math.isfinite(last.get("d", math.nan)) else float(last["d"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; the run then continues exactly as if never interrupted.
@@ -289,4 +299,5 @@ class DCMDPController:
         self.engine = state["engine"]
         self.kappa = state["kappa"]
         self.lag_curve = {int(lag): (float(m), float(n)) for lag, m, n in state.get("lag_curve", [])}
+        self.d_avg = state.get("d_avg", self.last_d(state))
         self.last = None if state["last"] is None else ControllerOutput(**state["last"])

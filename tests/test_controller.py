@@ -208,9 +208,9 @@ def test_baseline_modes_hold_lambda_zero(mode, k, beta):
         assert out.lam == 0.0 and out.k == k and out.beta == beta
 
 
-@pytest.mark.parametrize("dual", ["ascent", "pid"])
-def test_controller_checkpoint_round_trip_continues_identically(dual):
-    cfg = _cfg(dual=dual, delta="auto", warmup_steps=2)
+@pytest.mark.parametrize("dual,d_alpha", [("ascent", 1.0), ("pid", 1.0), ("ascent", 0.3)])
+def test_controller_checkpoint_round_trip_continues_identically(dual, d_alpha):
+    cfg = _cfg(dual=dual, delta="auto", warmup_steps=2, d_alpha=d_alpha)
     seq = [_stats(0.01 + 0.004 * math.sin(i) + 0.002 * (i % 5), engine=0.01 + 0.001 * (i % 3),
                   kappa=None if i % 4 == 0 else 0.002 + 0.001 * (i % 2)) for i in range(30)]
     a = ctl.DCMDPController(cfg)
@@ -275,3 +275,22 @@ def test_controller_fits_lag_slope_across_batches_of_single_lags():
     restored = ctl.DCMDPController(ControllerConfig(delta=0.02, warmup_steps=1, fit_alpha=1.0))
     restored.load_state_dict(json.loads(json.dumps(c.state_dict())))
     assert restored.lag_curve == c.lag_curve
+
+
+def test_controller_d_average_damps_batch_noise():
+    """Batches whose D alternates 0.2 x delta / 1.8 x delta (mean on the tolerance): each raw batch moves
+    lambda by 0.8 x eta; the running average (d_alpha = 0.2) keeps it within a narrow band."""
+    seq = [_stats(DELTA * (1.8 if i % 2 else 0.2)) for i in range(60)]
+
+    def lambdas(d_alpha):
+        c = ctl.DCMDPController(_cfg(d_alpha=d_alpha, lambda_init=2.0))
+        return [c.observe(s).lam for s in seq][20:]
+
+    raw, avg = lambdas(1.0), lambdas(0.2)
+    assert max(raw) - min(raw) == pytest.approx(0.8, abs=1e-9)
+    assert max(avg) - min(avg) < 0.3
+    # Errors are of the average: the first active step after warm-up sees (0.2 + 0.2 * 1.6) x delta.
+    c = ctl.DCMDPController(_cfg(d_alpha=0.2))
+    c.observe(seq[0])
+    out = c.observe(seq[1])
+    assert out.d == pytest.approx(1.8 * DELTA) and out.err == pytest.approx((0.2 + 0.2 * 1.6) - 1.0)
