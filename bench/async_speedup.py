@@ -6,7 +6,10 @@ run's own timings: in sync mode every step first waits for the actor's generatio
 learner's ``time/wait_for_data_s``) and then trains (T_train, ``time/step_s`` + ``time/publish_s``), so a perfect overlap
 gives (T_gen + T_train) / max(T_gen, T_train).
 
-    python bench/async_speedup.py [--steps 12] [--config tiny] [--set KEY=VALUE ...]
+    python bench/async_speedup.py [--steps 12] [--config tiny] [--set KEY=VALUE ...] [--async-mode fixed]
+
+The async run's mean staleness cap K is printed: DCMDP lowers K when the discrepancy budget is spent,
+and then the async run is nearly synchronous by design (``--async-mode fixed`` shows the overlap alone).
 
 Last line: ``RESULT async_speedup_vs_ideal <speedup / ideal>``.
 """
@@ -35,12 +38,13 @@ def _pin(core: int) -> list[str]:
     return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
 
 
-def run_mode(mode: str, steps: int, config: str, overrides: list[str], workdir: Path) -> dict:
+def run_mode(mode: str, steps: int, config: str, overrides: list[str], workdir: Path,
+             async_mode: str = "dcmdp") -> dict:
     """Run one bounded job (redis + learner + actor) and return its wall time and metrics rows."""
     server = start_redis(workdir / f"redis-{mode}")
     sets = overrides + [
         f"run.name=bench-{mode}", f"run.root={workdir}", f"learner.steps={steps}",
-        f"controller.mode={'sync' if mode == 'sync' else 'dcmdp'}",
+        f"controller.mode={'sync' if mode == 'sync' else async_mode}",
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
         f"actor.weights_cache_dir={workdir / f'actor-weights-{mode}'}",
         "learner.progress=false", "learner.wandb_mode=disabled", "learner.checkpoint_every=1000",
@@ -79,10 +83,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--async-mode", default="dcmdp", choices=["dcmdp", "fixed"],
+                   help="controller of the async run: dcmdp (K from the discrepancy budget) or fixed "
+                        "(K = controller.k_max always: the pipeline's overlap without the throttle)")
     args = p.parse_args()
     load_config(args.config, args.overrides)  # fail fast on a bad config
     workdir = Path(tempfile.mkdtemp(prefix="dcrl-bench-async-"))
-    res = {m: run_mode(m, args.steps, args.config, args.overrides, workdir) for m in ("sync", "async")}
+    res = {m: run_mode(m, args.steps, args.config, args.overrides, workdir, args.async_mode)
+           for m in ("sync", "async")}
 
     # Skip the first step of each run: it includes model load and compile-like warm-up on both sides.
     def med(mode: str, key: str) -> float:
@@ -99,6 +107,10 @@ def main() -> None:
         print(f"{m:5s}: wall {res[m]['wall_s']:.1f}s for steps 2..{args.steps} "
               f"(process {res[m]['process_wall_s']:.1f}s), {toks / res[m]['wall_s']:.0f} generated tokens/s trained, "
               f"median train {med(m, 'time/train_s'):.2f}s, median wait {med(m, 'time/wait_for_data_s'):.2f}s")
+    a_rows = res["async"]["rows"][1:]
+    print(f"async: mean staleness cap K {statistics.mean(r['staleness/max_allowed'] for r in a_rows):.2f}, "
+          f"mean lag {statistics.mean(r['staleness/mean'] for r in a_rows):.2f}, steps that waited > 10 ms for data "
+          f"{sum(r['time/wait_for_data_s'] > 0.01 for r in a_rows)}/{len(a_rows)}")
     print(f"sync timings: T_gen {t_gen:.2f}s  T_train {t_train:.2f}s  -> ideal speedup {ideal:.2f}")
     print(f"async speedup {speedup:.2f}  (ideal {ideal:.2f})")
     shutil.rmtree(workdir, ignore_errors=True)
