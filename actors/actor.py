@@ -292,6 +292,34 @@ class IoThread:
                 pass
 
 
+class LeaseKeeper:
+    """Renews the actor's liveness lease (``ControlPlane.keep_lease``) every ``lease_s / 3`` from a thread of
+    its own, so a busy event loop never lets it lapse; :meth:`stop` ends it and deletes the lease."""
+
+    def __init__(self, control, actor_id: str, lease_s: float):
+        self.control, self.actor_id, self.lease_s = control, actor_id, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dcrl-{actor_id}-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.control.keep_lease(self.actor_id, self.lease_s)
+            except Exception as e:  # noqa: BLE001 - an outage must not kill the renewals; the next one retries
+                log.warning("%s: lease renewal failed: %s", self.actor_id, e)
+            if self._stop.wait(self.lease_s / 3):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            self.control.drop_lease(self.actor_id)
+        except Exception as e:  # noqa: BLE001 - it expires by itself
+            log.warning("%s: could not drop the lease: %s", self.actor_id, e)
+
+
 class Stopping(Exception):
     """request_stop() was called while the actor waited on Redis."""
 
@@ -379,6 +407,7 @@ class Actor:
         self._stop_waiter = asyncio.create_task(self._stop.wait())
         self._episodes = asyncio.Semaphore(self.cfg.actor.concurrency)
         background: list[asyncio.Task] = []
+        lease = LeaseKeeper(self.control, self.actor_id, self.cfg.actor.lease_s)
         try:
             await self._give_back_predecessor_slots()
             await self._sync_weights(await self._redis(self.control.latest_weights))
@@ -392,6 +421,7 @@ class Actor:
                 t.cancel()
             ended = await asyncio.gather(*background, return_exceptions=True)
             self._stop_waiter.cancel()
+            await asyncio.to_thread(lease.stop)  # nothing is held any more (or we failed): let it go now
             if self._transfer is not None:
                 self._transfer.close()
                 self._transfer = None

@@ -76,3 +76,31 @@ local n = tonumber(redis.call('GET', KEYS[4]) or '0')
 if n > 0 then redis.call('DECR', KEYS[4]) end
 return 1
 """
+
+# KEYS[1] control hash, KEYS[2] produced counter; ARGV[1] lease key prefix ("<prefix>:lease:").
+# For every field held:<actor> of the control hash whose lease key <prefix>:lease:<actor> is gone: give its
+# admitted-but-undelivered slots back (DECRBY produced, never below 0) and delete the field. Returns a flat
+# list actor, slots, actor, slots ... of what was given back. Lease keys are built here from ARGV, so this
+# script needs a single Redis node (no cluster), like the rest of dcrl.
+RECLAIM_LUA = """
+local out = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  if string.sub(f, 1, 5) == 'held:' then
+    local actor = string.sub(f, 6)
+    if redis.call('EXISTS', ARGV[1] .. actor) == 0 then
+      local n = tonumber(fields[i + 1]) or 0
+      if n > 0 then
+        local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
+        local give = math.min(n, produced)
+        if give > 0 then redis.call('DECRBY', KEYS[2], give) end
+        table.insert(out, actor)
+        table.insert(out, give)
+      end
+      redis.call('HDEL', KEYS[1], f)
+    end
+  end
+end
+return out
+"""

@@ -3,7 +3,9 @@
 Learner:  write_control(Control) after every step; set_weights(WeightsReady) after every publish;
           reset() once at the start of a fresh (not resumed) run.
 Actors:   loop { c = read_control(); if c.stop: drain; if try_admit(): run a group, send it
-          (or release() if it was cancelled) }; latest_weights() when joining late.
+          (or release() if it was cancelled) }; latest_weights() when joining late; keep_lease() every
+          few seconds (from a thread of its own) while they may hold admitted slots.
+Learner:  reclaim_expired() while it waits for data: the slots of an actor whose lease expired come back.
 Tools:    counters() for ``python -m buffer stats``.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 from configs.schema import RedisConfig
 from protocol import Control, WeightsReady, decode, encode
 
-from buffer.admission import RELEASE_LUA, TRY_ADMIT_LUA, admission_capacity
+from buffer.admission import RECLAIM_LUA, RELEASE_LUA, TRY_ADMIT_LUA, admission_capacity
 from buffer.connection import Retrier, connect
 from buffer.keys import Keys
 
@@ -33,6 +35,7 @@ class ControlPlane:
         self._retry = Retrier(cfg, who, give_up_s=cfg.max_outage_s)
         self._try_admit = self.client.register_script(TRY_ADMIT_LUA)
         self._release = self.client.register_script(RELEASE_LUA)
+        self._reclaim = self.client.register_script(RECLAIM_LUA)
 
     def read_control(self) -> Control | None:
         """The learner's last Control, or None before the first write_control."""
@@ -59,6 +62,20 @@ class ControlPlane:
     def release(self) -> None:
         """Give back one admission (a group admitted, then cancelled and never sent). Never below 0."""
         self._retry.call(self._release, keys=[self.keys.produced])
+
+    def keep_lease(self, actor_id: str, lease_s: float) -> None:
+        """Renew ``actor_id``'s liveness lease for ``lease_s`` seconds (actors, every ``lease_s / 3``)."""
+        self._retry.call(self.client.set, self.keys.lease(actor_id), b"1", px=max(int(lease_s * 1000), 1))
+
+    def drop_lease(self, actor_id: str) -> None:
+        self._retry.call(self.client.delete, self.keys.lease(actor_id))
+
+    def reclaim_expired(self) -> list[tuple[str, int]]:
+        """Give back the admission slots of actors whose lease expired (dead without a restart under the
+        same id); returns (actor_id, slots given back) per such actor (learner, while it waits for data)."""
+        flat = self._retry.call(self._reclaim, keys=[self.keys.control, self.keys.produced],
+                                args=[self.keys.lease("")])
+        return [(flat[i].decode(errors="replace"), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def counters(self) -> dict:
         """``{"produced", "consumed", "dead", "capacity"}`` as ints (0 when absent; capacity -1 before control)."""

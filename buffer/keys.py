@@ -41,6 +41,11 @@ class Keys:
         """Counter of entries moved to the dead-letter stream (exact, unlike the capped stream)."""
         return f"{self.prefix}:dead_count"
 
+    def lease(self, actor_id: str) -> str:
+        """An actor's liveness lease (``ControlPlane.keep_lease``): while it exists, the admission slots noted
+        under ``held:<actor_id>`` in the control hash are that actor's; once it expires they are reclaimed."""
+        return f"{self.prefix}:lease:{actor_id}"
+
     def all(self) -> tuple[str, ...]:
         """Every key of the run, for ``ControlPlane.reset``."""
         return (self.traj, self.dead, self.control, self.produced, self.consumed, self.dead_count)

@@ -162,6 +162,10 @@ class ActorConfig(_Strict):
     """Chunk size when fetching weights from the learner's file server (it serves at most 16 MiB per chunk)."""
     weights_fetch_timeout_s: float = Field(30.0, gt=0)
     """Give up a weight fetch (the update is refused, current weights kept) if a chunk takes longer."""
+    lease_s: float = Field(30.0, gt=0)
+    """Liveness lease, renewed every lease_s / 3 by a thread of the actor. When it lapses (the actor died and no
+    replica came back under its id), the learner gives the groups it had admitted but not sent back to the
+    other actors; before that, they count against the admission capacity."""
     drain_timeout_s: float = Field(300.0, gt=0)
     """On Control.stop or max_groups: wait this long for in-flight groups to finish, then cancel the rest."""
 

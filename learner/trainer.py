@@ -233,9 +233,16 @@ class Learner:
         deadline = t0 + self.cfg.learner.wait_timeout_s
         seen = set(self.unacked)
         entries = []
+        reclaimed_at = t0
         while len(entries) < need:
             got = self.reader.receive(need - len(entries), block_ms=self.cfg.redis.read_block_ms,
                                       current_version=self.version)
+            if len(entries) + len(got) < need and time.monotonic() - reclaimed_at >= 1.0:
+                # Still short: an actor that died holding admitted slots (and did not come back under its
+                # id) must not keep them from the others once its lease has lapsed.
+                reclaimed_at = time.monotonic()
+                for actor_id, n in self.control.reclaim_expired():
+                    log.warning("%s's lease expired: gave back %d admitted groups it never sent", actor_id, n)
             for e in got:
                 if e.id in seen:
                     log.debug("skipping %s: already trained, waiting for its checkpoint", e.id)

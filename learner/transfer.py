@@ -29,7 +29,10 @@ up to two copies of the weights in the wire dtype on the learner's device.
 
 Failure handling: a broadcast that fails or times out (gloo: ``learner.transfer_timeout_s``) marks the
 channel broken and the actor's next pull is told to join again. NCCL has no timeout of its own: a
-channel whose actor died in the middle of a broadcast keeps its thread blocked until the learner exits.
+channel whose actor died in the middle of a broadcast keeps its thread blocked until the learner exits,
+and with ``learner.transfer_packed`` (vLLM's packed producer shares its CUDA streams across channels, so
+packed broadcasts go one at a time) it blocks the other actors' broadcasts too. Where actors die often,
+``transfer_packed = false`` keeps each channel on its own stream and independent of the others.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ BACKENDS = ("nccl", "gloo")
 VLLM_BACKEND = {"nccl": "nccl", "gloo": "dcrl_gloo"}
 """``WeightTransferConfig.backend`` of the actor's engine for each ``learner.weight_transfer``."""
 _GLOO_PREFIX = "dcrl-weights"
-_NCCL_SEND_LOCK = threading.Lock()
-"""One NCCL broadcast at a time in the learner: vLLM's packed producer shares its CUDA streams
-process-wide, and serialising keeps two channels' collectives from interleaving on them."""
+_NCCL_PACKED_LOCK = threading.Lock()
+"""One packed NCCL broadcast at a time in the learner: vLLM's packed producer shares its CUDA streams
+process-wide, and serialising keeps two channels' collectives from interleaving on them. Unpacked
+broadcasts use a stream per channel and run side by side."""
 
 
 class GlooGroup:
@@ -246,17 +250,19 @@ class Channel:
 
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        with _NCCL_SEND_LOCK, torch.cuda.stream(self._stream):
-            if self.packed:
-                from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+        if self.packed:
+            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-                size, num = packed_defaults()
+            size, num = packed_defaults()
+            with _NCCL_PACKED_LOCK, torch.cuda.stream(self._stream):
                 packed_nccl_broadcast_producer(iterator=iter(zip(snap.names, snap.tensors)), group=self._group,
                                                src=0, post_iter_func=lambda item: item[1], buffer_size_bytes=size,
                                                num_buffers=num)
-            else:
-                for t in snap.tensors:
-                    self._group.broadcast(t, src=0, stream=self._stream)
+                self._stream.synchronize()
+            return
+        with torch.cuda.stream(self._stream):
+            for t in snap.tensors:
+                self._group.broadcast(t, src=0, stream=self._stream)
             self._stream.synchronize()
 
 

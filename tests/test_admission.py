@@ -117,3 +117,36 @@ def test_control_and_weights_round_trip_through_the_hash(redis_url):
     assert other.read_control() == c
     assert other.latest_weights() == w
     assert other.counters()["capacity"] == admission_capacity(2, 3, 8)
+
+
+def test_reclaim_gives_back_the_slots_of_actors_whose_lease_expired(redis_url):
+    import time
+
+    from actors.actor import LeaseKeeper
+
+    cp = _plane(redis_url)
+    try:
+        cp.reset()
+        cp.write_control(Control(version=0, max_staleness=1, batch_groups=4))  # capacity 8
+        for _ in range(7):
+            assert cp.try_admit()
+        key = cp.keys.control
+        cp.client.hset(key, mapping={"held:dead": 3, "held:alive": 2, "held:done": 0, "held:odd": -1})
+        alive = LeaseKeeper(cp, "alive", lease_s=0.3)  # renewed every 0.1 s: outlives the expiry below
+        cp.keep_lease("dead", 0.05)
+        time.sleep(0.4)
+        assert cp.client.pttl(cp.keys.lease("alive")) > 0 and not cp.client.exists(cp.keys.lease("dead"))
+        assert cp.reclaim_expired() == [("dead", 3)]
+        assert cp.counters()["produced"] == 4
+        held = {k.decode()[5:]: int(v) for k, v in cp.client.hgetall(key).items() if k.startswith(b"held:")}
+        assert held == {"alive": 2}  # lapsed entries without slots are cleared too
+        assert cp.reclaim_expired() == []  # idempotent
+        alive.stop()  # a clean exit drops the lease at once: its slots (none by then) are free to reclaim
+        assert not cp.client.exists(cp.keys.lease("alive"))
+        assert cp.reclaim_expired() == [("alive", 2)] and cp.counters()["produced"] == 2
+        # Never below zero: a lease lapsed on more slots than are counted gives back what is there.
+        cp.client.hset(key, "held:ghost", 5)
+        assert cp.reclaim_expired() == [("ghost", 2)] and cp.counters()["produced"] == 0
+    finally:
+        cp.reset()
+        cp.close()

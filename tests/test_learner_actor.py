@@ -109,3 +109,61 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         for k in common:
             assert published[k].dtype == torch.bfloat16 and torch.equal(published[k], trained[k].bfloat16()), k
     assert (cfg.run.dir / "report.png").stat().st_size > 10_000
+
+
+def test_actor_killed_holding_admissions_gives_them_back_when_its_lease_lapses(tmp_path, redis_url):
+    """Two actors, synchronous admission (K = 0: one batch of slots at a time). actor-2 is SIGKILLed while it
+    holds admitted groups and never comes back: without leases those slots would stay counted against the
+    capacity and the learner would wait for them until learner.wait_timeout_s."""
+    import signal
+    import time
+
+    import redis
+
+    from learner.tiny import ensure_model
+
+    steps = 8
+    overrides = [
+        f"run.root={tmp_path / 'runs'}", "run.name=lease", f"redis.url={redis_url}", "redis.prefix=lease",
+        f"model.path={ROOT / '.cache' / 'tiny-qwen3'}",
+        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+        "learner.wandb_mode=disabled", "learner.progress=false", f"learner.steps={steps}",
+        "learner.batch_groups=2", "learner.checkpoint_every=4", "learner.wait_timeout_s=300",
+        "actor.group_size=4", "actor.concurrency=8", "actor.weights_poll_s=0.5", "actor.lease_s=3",
+        "actor.max_tokens_per_turn=8", f"actor.weights_cache_dir={tmp_path / 'actor_weights'}",
+        "controller.mode=sync",
+    ]
+    cfg = load_config("tiny", overrides, env={})
+    ensure_model(cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
+    env.update(PYTHONUNBUFFERED="1", VLLM_CPU_KVCACHE_SPACE="1")
+    sets = [a for o in overrides for a in ("--set", o)]
+    log = open(tmp_path / "all.log", "w")
+    procs = {"learner": subprocess.Popen([sys.executable, "-m", "learner", "--config", "tiny", *sets], cwd=ROOT,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)}
+    for a in ("actor-1", "actor-2"):
+        procs[a] = subprocess.Popen([sys.executable, "-m", "actors", "--config", "tiny", *sets, "--actor-id", a],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 240
+        # Once training is under way, kill actor-2 while it holds admitted groups.
+        while time.monotonic() < deadline:
+            if (cfg.run.dir / "metrics.jsonl").exists() and int(r.hget("lease:control", "held:actor-2") or 0) > 0:
+                break
+            time.sleep(0.02)
+        held = int(r.hget("lease:control", "held:actor-2") or 0)
+        assert held > 0, (tmp_path / "all.log").read_text()[-3000:]
+        procs["actor-2"].send_signal(signal.SIGKILL)
+        assert procs["learner"].wait(timeout=240) == 0, (tmp_path / "all.log").read_text()[-4000:]
+        assert procs["actor-1"].wait(timeout=120) == 0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        log.close()
+        r.close()
+    text = (tmp_path / "all.log").read_text()
+    assert "actor-2's lease expired: gave back" in text, text[-3000:]
+    assert len(read_metrics(cfg.run.dir / "metrics.jsonl")) == steps
