@@ -16,6 +16,7 @@ bench: setup
 	@.venv/bin/python bench/buffer.py
 	@.venv/bin/python bench/rollout.py
 	@.venv/bin/python bench/async_speedup.py
+	@.venv/bin/python bench/weight_sync.py
 
 clean:
 	rm -rf runs .cache
