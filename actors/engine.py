@@ -257,12 +257,21 @@ class Engine:
         resumes. If the reload raises, generation stays paused and the error propagates: the engine
         would otherwise serve half-loaded weights under the old label.
         """
+        async def reload() -> None:
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
+
+        return await self._swap_weights(reload, version)
+
+    async def _swap_weights(self, load, version: int) -> float:
+        """The frame of every weight update: one at a time, pause(keep), ``await load()``, relabel the
+        outputs ``version``, resume; returns the pause-to-resume seconds. If ``load`` raises, generation
+        stays paused and the label unchanged, and the error propagates."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
             t0 = time.perf_counter()
             await self.llm.pause_generation(mode="keep", clear_cache=self.clear_cache_on_reload)
-            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
+            await load()
             await self.llm.update_weight_version(str(version))
             self.version = version
             await self.llm.resume_generation()
@@ -290,19 +299,12 @@ class Engine:
         """
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        if self._reload_lock is None:
-            self._reload_lock = asyncio.Lock()
-        async with self._reload_lock:
-            t0 = time.perf_counter()
-            await self.llm.pause_generation(mode="keep", clear_cache=self.clear_cache_on_reload)
+        async def receive() -> None:
             await self.llm.start_weight_update()
             await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
             await self.llm.finish_weight_update()
-            await self.llm.update_weight_version(str(version))
-            self.version = version
-            await self.llm.resume_generation()
-            self.reloads += 1
-            return time.perf_counter() - t0
+
+        return await self._swap_weights(receive, version)
 
     async def shutdown(self) -> None:
         """Stop the engine processes and let vLLM's output task finish on this loop (idempotent).
