@@ -38,7 +38,6 @@ log = logging.getLogger("dcrl.publisher")
 WEIGHTS_DIR = "weights"
 MAX_CHUNK_BYTES = 16 << 20
 """Largest chunk the file server sends in one reply (bounds its memory per request)."""
-_TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 # Files of a model directory that are weights (never copied: the published file replaces them).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -182,7 +181,7 @@ class WeightPublisher:
         self.model_dir = Path(model_dir)
         # Published weights are in the actors' compute dtype (half the bytes of fp32 for bf16), files and
         # broadcasts alike: vLLM would round them to it on load anyway, so the actors serve the same values.
-        self.wire_dtype = _TORCH_DTYPES.get(actor_dtype)
+        self.wire_dtype = None if actor_dtype == "auto" else actor_dtype
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
@@ -234,8 +233,6 @@ class WeightPublisher:
         return msg
 
     def _publish_snapshot(self, model, version: int) -> WeightsReady:
-        import torch
-
         from learner.transfer import take_snapshot
 
         t0 = time.perf_counter()
@@ -245,8 +242,6 @@ class WeightPublisher:
         msg = WeightsReady(version=version, path="", sha256="", url=self.cfg.zmq_transfer, created_at=time.time(),
                            transport=self.cfg.weight_transfer)
         self._pub.send(encode(msg))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         log.debug("snapshot v%d (%.1f MB, %.0f ms)", version, snap.nbytes / 1e6, 1000 * (time.perf_counter() - t0))
         return msg
 

@@ -145,21 +145,20 @@ class Snapshot:
 def take_snapshot(model, version: int, wire_dtype: str | None = None, device=None) -> Snapshot:
     """Copy the model's published tensors (``learner.weights_io.published_tensors``: the state dict plus
     an explicit ``lm_head.weight``), floating ones cast to ``wire_dtype`` (a torch dtype name) when given,
-    onto ``device`` when given (else they stay on the model's device)."""
+    onto ``device`` when given (else they stay on the model's device).
+
+    Returns only once the copies exist: on a GPU the copy kernels are waited for, so a channel that
+    broadcasts the snapshot from its own CUDA stream never reads a half-written tensor."""
     import torch
 
-    from learner.weights_io import published_tensors
+    from learner.weights_io import published_tensors, wire_tensor
 
-    dtype = getattr(torch, wire_dtype) if wire_dtype else None
-    names, tensors = [], []
     with torch.no_grad():
-        for name, t in published_tensors(model):
-            t = t.detach()
-            copy = t.to(device=device or t.device, dtype=dtype if dtype is not None and t.is_floating_point()
-                        else t.dtype, copy=True)
-            names.append(name)
-            tensors.append(copy.contiguous())
-    return Snapshot(version, names, tensors, sum(t.numel() * t.element_size() for t in tensors))
+        pairs = [(name, wire_tensor(t, wire_dtype, device, copy=True)) for name, t in published_tensors(model)]
+    if any(t.is_cuda for _, t in pairs):
+        torch.cuda.synchronize()
+    tensors = [t for _, t in pairs]
+    return Snapshot(version, [n for n, _ in pairs], tensors, sum(t.numel() * t.element_size() for t in tensors))
 
 
 # ------------------------------------------------------------------ channels
@@ -190,7 +189,6 @@ class Channel:
         self.device_index = device_index
         self.stats = ChannelStats()
         self.error: str = ""
-        self.ready = threading.Event()
         self._jobs: queue.Queue = queue.Queue()
         self._group = None
         self._stream = None  # NCCL: this channel's CUDA stream
@@ -217,7 +215,6 @@ class Channel:
 
                 torch.cuda.set_device(self.device_index)
             self._group = open_group(self.backend, self.host, self.port, 0, self.world_size, self.timeout_s)
-            self.ready.set()
             log.info("%s joined the %s weight transfer group (port %d, world %d)", self.actor_id, self.backend,
                      self.port, self.world_size)
             while (snap := self._jobs.get()) is not None:
@@ -231,7 +228,6 @@ class Channel:
             self.error = f"{type(e).__name__}: {e}"
             log.warning("weight transfer channel of %s broke: %s", self.actor_id, self.error)
         finally:
-            self.ready.set()
             group, self._group = self._group, None
             if group is not None:
                 try:
@@ -245,7 +241,7 @@ class Channel:
                 self._group.broadcast(t, src=0)
             return
         # NCCL: on a stream of this channel, so that the broadcast (which waits for the actor) never
-        # stalls the training kernels on the default stream. The snapshot was synchronised when taken.
+        # stalls the training kernels on the default stream. take_snapshot waited for the copies.
         import torch
 
         if self._stream is None:

@@ -36,6 +36,15 @@ def published_tensors(model) -> list[tuple[str, "object"]]:
     return items
 
 
+def wire_tensor(t, dtype: str | None = None, device=None, copy: bool = False):
+    """``t`` detached and contiguous, on ``device`` (default: where it is), a floating tensor cast to
+    ``dtype`` (a torch dtype name) when given; ``copy`` forces a new tensor even when nothing changes."""
+    import torch
+
+    cast = getattr(torch, dtype) if dtype and t.is_floating_point() else t.dtype
+    return t.detach().to(device=device or t.device, dtype=cast, copy=copy).contiguous()
+
+
 def export_state_dict(model, dtype: str | None = None) -> dict:
     """The tensors to publish: contiguous CPU copies, ``lm_head.weight`` always present and unshared,
     floating ones cast to ``dtype`` (a torch dtype name) when given.
@@ -43,11 +52,7 @@ def export_state_dict(model, dtype: str | None = None) -> dict:
     safetensors refuses tensors that share storage, so the tied head is a separate copy (a copy even
     when untied: cheap next to the write, and never aliases the embedding).
     """
-    import torch
-
-    cast = getattr(torch, dtype) if dtype else None
-    state = {k: v.detach().to(device="cpu", dtype=cast if cast is not None and v.is_floating_point() else v.dtype)
-             .contiguous() for k, v in published_tensors(model)}
+    state = {k: wire_tensor(v, dtype, "cpu") for k, v in published_tensors(model)}
     state["lm_head.weight"] = state["lm_head.weight"].clone()
     return state
 
