@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from buffer.server import free_port, start_redis  # noqa: E402
-from configs import load_config  # noqa: E402
+from configs import add_config_args, load_config  # noqa: E402
 
 
 def _pin(core: int) -> list[str]:
@@ -81,8 +81,7 @@ def run_mode(mode: str, steps: int, config: str, overrides: list[str], workdir: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    add_config_args(p)
     p.add_argument("--async-mode", default="dcmdp", choices=["dcmdp", "fixed"],
                    help="controller of the async run: dcmdp (K from the discrepancy budget) or fixed "
                         "(K = controller.k_max always: the pipeline's overlap without the throttle)")

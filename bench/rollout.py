@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import load_config  # noqa: E402
+from configs import add_config_args, load_config  # noqa: E402
 
 
 def turn_requests(traj) -> list[tuple[list[int], int]]:
@@ -144,8 +144,7 @@ async def bench(cfg, groups: int, repeats: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     ap.add_argument("--groups", type=int, default=32, help="groups per actor phase")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import load_config  # noqa: E402
+from configs import add_config_args, load_config  # noqa: E402
 
 MODEL = ["model.tiny.hidden_size=768", "model.tiny.num_layers=8", "model.tiny.intermediate_size=2048",
          "model.tiny.num_heads=12", "model.tiny.warmstart_steps=0",
@@ -104,8 +104,7 @@ async def bench(cfg_files, cfg_gloo, model_dir: Path, workdir: Path, repeats: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     from buffer.server import free_port
