@@ -202,3 +202,25 @@ def test_config_rejects_nccl_on_a_cpu_learner():
         load_config("tiny", ["learner.weight_transfer=nccl", "learner.device=cpu"], env={})
     with pytest.raises(ConfigError, match="learner.weight_transfer"):
         load_config("tiny", ["learner.weight_transfer=rdma"], env={})
+
+
+def test_workers_drop_only_the_rotary_reload_warning():
+    import logging
+
+    import actors.vllm_ext  # noqa: F401 - installs the filter, as in every vLLM worker
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        logger.warning("%s: Failed to load weights", "Linear")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Linear: Failed to load weights"]
