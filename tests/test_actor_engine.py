@@ -302,3 +302,21 @@ def test_actor_redis_outage_holds_groups_and_resends(engine, loop, codec, tiny_d
     assert len({g.group_id for g in groups}) == 6
     print(f"groups held by the writer during the outage: {held}")
     control.close()
+
+
+def test_actor_refuses_weights_announced_over_another_transport(engine, loop, codec, tiny_dir, redis_url):
+    """A learner broadcasting over gloo and an actor configured for files: the actor stops at once with a
+    message naming the setting, instead of waiting on weights it cannot receive."""
+    from protocol.messages import WeightsReady
+
+    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=mismatch")
+    actor, control, writer = make_actor(cfg, engine, codec)
+    control.write_control(Control(version=engine.version + 1, max_staleness=0, batch_groups=1))
+    control.set_weights(WeightsReady(version=engine.version + 1, path="", sha256="", url="tcp://127.0.0.1:1",
+                                     transport="gloo"))
+    try:
+        with pytest.raises(RuntimeError, match="over 'gloo'.*learner.weight_transfer='files'"):
+            loop.run_until_complete(asyncio.wait_for(actor.run(), 60))
+    finally:
+        writer.close()
+        control.close()
