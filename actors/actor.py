@@ -388,6 +388,7 @@ class Actor:
         self._stop_waiter: asyncio.Task | None = None
         self._episodes: asyncio.Semaphore | None = None
         self._late_admits: list[asyncio.Future] = []
+        self._admitted_unstarted = 0  # admitted, group not started yet (weights catch-up in between)
         self._weights_lock: asyncio.Lock | None = None  # one reload at a time (weights loop vs admission)
         self._transfer = None  # actors.transfer.TransferClient, on the first collective WeightsReady
 
@@ -543,7 +544,11 @@ class Actor:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
                 elif await self._try_admit():
+                    # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
+                    # during the catch-up would otherwise leave it admitted and never streamed).
+                    self._admitted_unstarted += 1
                     await self._catch_up_weights()
+                    self._admitted_unstarted -= 1
                     job = self._start_group(admitted)
                     jobs[job.task] = job
                     admitted += 1
@@ -626,6 +631,8 @@ class Actor:
             elif not job.unheld:  # sent (or being sent) when cancelled: the slot is used, only the note goes
                 await asyncio.wait({job.send}, timeout=30.0)
                 calls.append(False)
+        calls.extend([True] * self._admitted_unstarted)
+        self._admitted_unstarted = 0
         for fut in self._late_admits:  # an admission that was in flight when the stop came
             done, _ = await asyncio.wait({fut}, timeout=5.0)
             if done and fut.exception() is None and fut.result():
