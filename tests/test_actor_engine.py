@@ -344,3 +344,32 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
     assert control.counters()["produced"] == 0 == control.client.xlen(control.keys.traj)
     assert int(control.client.hget(control.keys.control, "held:actor-t") or 0) == 0
     control.close()
+
+
+def test_actor_stop_does_not_wait_for_a_silent_transfer_server(engine, loop, codec, tiny_dir, redis_url):
+    """Weights announced over gloo by a learner that is gone (nothing answers the join): a stop request ends
+    the actor at once instead of after actor.weights_fetch_timeout_s (a Ray run once waited 25 s here)."""
+    from protocol.messages import WeightsReady
+
+    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=silent", "learner.weight_transfer=gloo",
+                    "actor.weights_fetch_timeout_s=120")
+    actor, control, writer = make_actor(cfg, engine, codec)
+    version = engine.version
+    control.set_weights(WeightsReady(version=version + 1, path="", sha256="", transport="gloo",
+                                     url=f"tcp://127.0.0.1:{free_port()}"))
+
+    async def scenario():
+        task = asyncio.create_task(actor.run())
+        await asyncio.sleep(1.5)
+        assert not task.done() and actor._transfer is not None, "the actor is not waiting on the join"
+        t0 = time.monotonic()
+        actor.request_stop()
+        return await asyncio.wait_for(task, 30), time.monotonic() - t0
+
+    try:
+        reason, seconds = loop.run_until_complete(scenario())
+    finally:
+        writer.close()
+        control.close()
+    assert reason == "signal" and seconds < 10, seconds
+    assert engine.version == version
