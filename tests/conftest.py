@@ -113,6 +113,27 @@ def loop():
     loop.close()
 
 
+def load_model(path):
+    """The HF model at ``path`` in fp32, eval mode (the reference the engines' logprobs are checked against)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def perturbed_model(src_dir, scale: float, seed: int):
+    """The model at ``src_dir`` (fp32) plus N(0, scale^2) noise on every parameter: a stand-in for new
+    trained weights."""
+    import torch
+
+    model = load_model(src_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def start_cpu_engine(loop, cfg, model_dir):
     """An actors.engine.Engine on vLLM CPU (1 GB KV cache, one thread), its processes given vLLM's CPU
     environment while this process keeps its own."""

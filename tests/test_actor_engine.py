@@ -19,62 +19,43 @@ from buffer.admission import admission_capacity
 from actors.envs import GuessNumber, make_env
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import start_cpu_engine
+from conftest import FAST_TINY, load_model, perturbed_model, start_cpu_engine
 from protocol.messages import Control, decode_group
 
-# Same fast build and directory as test_engine_mismatch.py: whichever module runs first builds it.
-FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from learner.tiny import ensure_model
-
-    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"], env={})
-    return ensure_model(cfg, log=lambda *a: None)
-
-
-def actor_cfg(tiny_dir, *extra: str):
+def actor_cfg(tiny_model_dir, *extra: str):
     return load_config("tiny", FAST_TINY + [
-        f"model.path={tiny_dir}", "actor.concurrency=16", "actor.group_size=4", "actor.max_turns=12",
+        f"model.path={tiny_model_dir}", "actor.concurrency=16", "actor.group_size=4", "actor.max_turns=12",
         "actor.admission_poll_s=0.05", "actor.status_interval_s=1", "actor.weights_poll_s=0.2",
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", *extra], env={})
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir):
+def served(tiny_model_dir):
     """version -> directory of the weights the module's engine has been given (version 0: the model dir)."""
-    return {0: tiny_dir}
+    return {0: tiny_model_dir}
 
 
 @pytest.fixture(scope="module")
-def engine(loop, tiny_dir):
-    eng = start_cpu_engine(loop, actor_cfg(tiny_dir), tiny_dir)
+def engine(loop, tiny_model_dir):
+    eng = start_cpu_engine(loop, actor_cfg(tiny_model_dir), tiny_model_dir)
     yield eng
     loop.run_until_complete(eng.shutdown())
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_dir):
-    return TextCodec.from_pretrained(tiny_dir)
+def codec(tiny_model_dir):
+    return TextCodec.from_pretrained(tiny_model_dir)
 
 
 def publish_perturbed(src_dir, run_dir, version: int, scale: float, seed: int):
     """A new published version: the weights of ``src_dir`` plus N(0, scale^2) noise on every parameter,
     written by the learner's own writer (HF dir, explicit lm_head). Returns (dir, fp32 model)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from learner.publisher import write_version_dir
 
-    model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model = perturbed_model(src_dir, scale, seed)
     d, _ = write_version_dir(model, run_dir, version, src_dir)
-    return d, model.eval()
+    return d, model
 
 
 def reference_logprobs(model, seqs: list[list[int]], starts: list[int]) -> list[np.ndarray]:
@@ -88,13 +69,6 @@ def reference_logprobs(model, seqs: list[list[int]], starts: list[int]) -> list[
             logp = model(ids).logits[0, :-1].float().log_softmax(-1)
             out.append(logp[torch.arange(s - 1, len(seq) - 1), ids[0, s:]].numpy())
     return out
-
-
-def load_model(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def run_all(loop, coros):
@@ -124,8 +98,8 @@ def check_layout(t, codec, env_name: str):
         assert ids[-1] == codec.eos_id
 
 
-def test_single_turn_arithmetic_episodes(engine, loop, codec, tiny_dir):
-    cfg = actor_cfg(tiny_dir, "env.name=arithmetic")
+def test_single_turn_arithmetic_episodes(engine, loop, codec, tiny_model_dir):
+    cfg = actor_cfg(tiny_model_dir, "env.name=arithmetic")
     lim = EpisodeLimits.from_config(cfg)
     envs = [make_env("arithmetic", {}) for _ in range(12)]
     trajs = run_all(loop, [run_episode(engine, e, 100 + i, codec, lim, f"arith-{i}") for i, e in enumerate(envs)])
@@ -143,8 +117,8 @@ def test_single_turn_arithmetic_episodes(engine, loop, codec, tiny_dir):
         assert t.reward == env.step(answer).reward
 
 
-def test_multi_turn_guess_number_episodes(engine, loop, codec, tiny_dir):
-    cfg = actor_cfg(tiny_dir, "env.name=guess_number")
+def test_multi_turn_guess_number_episodes(engine, loop, codec, tiny_model_dir):
+    cfg = actor_cfg(tiny_model_dir, "env.name=guess_number")
     lim = EpisodeLimits.from_config(cfg)
     trajs = run_all(loop, [run_episode(engine, GuessNumber(), 200 + i, codec, lim, f"guess-{i}") for i in range(12)])
     for t in trajs:
@@ -197,7 +171,8 @@ def test_reload_mid_generation_is_real_and_tokens_keep_their_version(engine, loo
     assert cross > 4 * match, f"the reload changed nothing measurable: {cross:.4f} vs {match:.4f}"
 
 
-def test_weight_update_between_turns_gives_one_episode_two_versions(engine, loop, codec, served, tmp_path, tiny_dir):
+def test_weight_update_between_turns_gives_one_episode_two_versions(engine, loop, codec, served, tmp_path,
+                                                                   tiny_model_dir):
     v_old = engine.version
     new_dir, _ = publish_perturbed(served[v_old], tmp_path / "run", v_old + 1, scale=0.005, seed=2)
 
@@ -215,7 +190,7 @@ def test_weight_update_between_turns_gives_one_episode_two_versions(engine, loop
 
     # A hidden number far from the model's usual first guess (50): the episode needs several turns.
     seed = next(s for s in range(1000) if GuessNumber.hidden_number(s, 100) <= 10)
-    cfg = actor_cfg(tiny_dir, "env.name=guess_number")
+    cfg = actor_cfg(tiny_model_dir, "env.name=guess_number")
     t = loop.run_until_complete(run_episode(UpdateAfterFirstTurn(), GuessNumber(), seed, codec,
                                             EpisodeLimits.from_config(cfg), f"two-versions-{v_old}"))
     served[v_old + 1] = new_dir
@@ -242,8 +217,8 @@ def stream_groups(control, vocab_size, current_version):
     return [decode_group(f[b"data"], vocab_size=vocab_size, current_version=current_version) for _, f in entries]
 
 
-def test_actor_control_stop_drains_in_flight_groups(engine, loop, codec, tiny_dir, redis_url):
-    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=drain", "env.name=guess_number")
+def test_actor_control_stop_drains_in_flight_groups(engine, loop, codec, tiny_model_dir, redis_url):
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=drain", "env.name=guess_number")
     actor, control, writer = make_actor(cfg, engine, codec)
     v = engine.version
     try:
@@ -274,8 +249,8 @@ def test_actor_control_stop_drains_in_flight_groups(engine, loop, codec, tiny_di
     control.close()
 
 
-def test_actor_redis_outage_holds_groups_and_resends(engine, loop, codec, tiny_dir, redis_server):
-    cfg = actor_cfg(tiny_dir, f"redis.url={redis_server.url}", "redis.prefix=outage", "env.name=arithmetic",
+def test_actor_redis_outage_holds_groups_and_resends(engine, loop, codec, tiny_model_dir, redis_server):
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_server.url}", "redis.prefix=outage", "env.name=arithmetic",
                     "actor.max_groups=6", "redis.retry_backoff_s=0.05", "redis.retry_backoff_max_s=0.3")
     actor, control, writer = make_actor(cfg, engine, codec)
     v = engine.version
@@ -304,12 +279,12 @@ def test_actor_redis_outage_holds_groups_and_resends(engine, loop, codec, tiny_d
     control.close()
 
 
-def test_actor_refuses_weights_announced_over_another_transport(engine, loop, codec, tiny_dir, redis_url):
+def test_actor_refuses_weights_announced_over_another_transport(engine, loop, codec, tiny_model_dir, redis_url):
     """A learner broadcasting over gloo and an actor configured for files: the actor stops at once with a
     message naming the setting, instead of waiting on weights it cannot receive."""
     from protocol.messages import WeightsReady
 
-    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=mismatch")
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=mismatch")
     actor, control, writer = make_actor(cfg, engine, codec)
     control.write_control(Control(version=engine.version + 1, max_staleness=0, batch_groups=1))
     control.set_weights(WeightsReady(version=engine.version + 1, path="", sha256="", url="tcp://127.0.0.1:1",
@@ -322,10 +297,10 @@ def test_actor_refuses_weights_announced_over_another_transport(engine, loop, co
         control.close()
 
 
-def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, loop, codec, tiny_dir, redis_url):
+def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, loop, codec, tiny_model_dir, redis_url):
     """A SIGTERM between try_admit and the group's start (the actor is catching up on weights) used to leave
     one slot admitted and never streamed (seen in CI as produced 9 vs 8 streamed). The slot goes back."""
-    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=catchup")
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=catchup")
     actor, control, writer = make_actor(cfg, engine, codec)
     control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=1))
     caught_up = []
@@ -346,12 +321,12 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
     control.close()
 
 
-def test_actor_stop_does_not_wait_for_a_silent_transfer_server(engine, loop, codec, tiny_dir, redis_url):
+def test_actor_stop_does_not_wait_for_a_silent_transfer_server(engine, loop, codec, tiny_model_dir, redis_url):
     """Weights announced over gloo by a learner that is gone (nothing answers the join): a stop request ends
     the actor at once instead of after actor.weights_fetch_timeout_s (a Ray run once waited 25 s here)."""
     from protocol.messages import WeightsReady
 
-    cfg = actor_cfg(tiny_dir, f"redis.url={redis_url}", "redis.prefix=silent", "learner.weight_transfer=gloo",
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=silent", "learner.weight_transfer=gloo",
                     "actor.weights_fetch_timeout_s=120")
     actor, control, writer = make_actor(cfg, engine, codec)
     version = engine.version

@@ -21,21 +21,11 @@ import pytest
 
 from buffer.server import free_port
 from configs.schema import load_config
+from conftest import FAST_TINY, perturbed_model
 from protocol.messages import Control, WeightsReady, decode_group
 
 ROOT = Path(__file__).resolve().parents[1]
-# Same fast build and directory as test_engine_mismatch.py / test_actor_engine.py.
-FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
 G = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from learner.tiny import ensure_model
-
-    cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"], env={})
-    return ensure_model(cfg, log=lambda *a: None)
 
 
 def wait_for(pred, timeout_s: float, what: str, log_path: Path):
@@ -48,24 +38,12 @@ def wait_for(pred, timeout_s: float, what: str, log_path: Path):
                          + log_path.read_text()[-5000:])
 
 
-def perturbed_model(src_dir, scale: float, seed: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_dir):
+def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_model_dir):
     from buffer import ControlPlane
     from learner.publisher import WeightPublisher, write_version_dir
 
     overrides = FAST_TINY + [
-        f"model.path={tiny_dir}", f"redis.url={redis_url}", "redis.prefix=proc", "env.name=arithmetic",
+        f"model.path={tiny_model_dir}", f"redis.url={redis_url}", "redis.prefix=proc", "env.name=arithmetic",
         f"actor.group_size={G}", "actor.concurrency=8", "actor.status_interval_s=0.5",
         "actor.admission_poll_s=0.05", "actor.weights_poll_s=0.3", f"actor.weights_cache_dir={tmp_path / 'cache'}",
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
@@ -74,7 +52,7 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_d
     control = ControlPlane(cfg.redis)
     control.reset()
     run_dir = tmp_path / "run"
-    publisher = WeightPublisher(cfg.learner, run_dir, tiny_dir)
+    publisher = WeightPublisher(cfg.learner, run_dir, tiny_model_dir)
     log_path = tmp_path / "actor.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -109,8 +87,8 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_d
         assert gen_versions(first) == {0}
 
         # 3. A tampered v1: announced with the digest of the file as written, then the file is corrupted.
-        model1 = perturbed_model(tiny_dir, 0.05, seed=1)
-        d1, sha1 = write_version_dir(model1, run_dir, 1, tiny_dir)
+        model1 = perturbed_model(tiny_model_dir, 0.05, seed=1)
+        d1, sha1 = write_version_dir(model1, run_dir, 1, tiny_model_dir)
         publisher.files.remember(1, sha1)
         f = d1 / "model.safetensors"
         data = bytearray(f.read_bytes())
@@ -125,7 +103,7 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_d
         assert gen_versions(groups(1)[2:]) == {0}, "the refused weights were used"
 
         # 5. Good v2 over ZMQ (and Redis): loaded; groups admitted after it carry version 2.
-        w2 = publisher.publish(perturbed_model(tiny_dir, 0.01, seed=2), 2)
+        w2 = publisher.publish(perturbed_model(tiny_model_dir, 0.01, seed=2), 2)
         control.set_weights(w2)
         wait_for(lambda: "loaded weights v2" in log(), 30, "the v2 load", log_path)
         control.write_control(Control(version=2, max_staleness=0, batch_groups=2))

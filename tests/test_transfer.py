@@ -16,9 +16,9 @@ import zmq
 
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import FAST_TINY, start_cpu_engine
+from conftest import FAST_TINY, load_model, perturbed_model, start_cpu_engine
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, WeightsReady, decode, encode
-from test_actor_engine import load_model, reference_logprobs
+from test_actor_engine import reference_logprobs
 
 PROMPT = list(range(20, 32))
 
@@ -52,17 +52,6 @@ def publisher(tiny_model_dir, tmp_path):
     pub.close()
 
 
-def perturbed(model_dir, scale: float, seed: int):
-    import torch
-
-    model = load_model(model_dir)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 def sample_and_compare(loop, engine, model, old, tag: str, n: int = 6, length: int = 40) -> tuple[float, float]:
     """Sample ``n`` sequences on the engine; mean |dlogp| of vLLM against ``model`` and against ``old``."""
     async def sample():
@@ -83,7 +72,7 @@ def test_gloo_pull_serves_the_published_weights_without_files(loop, engine, publ
     from actors.transfer import TransferClient
 
     v = engine.version + 1
-    model = perturbed(tiny_model_dir, 0.05, seed=v)
+    model = perturbed_model(tiny_model_dir, 0.05, seed=v)
     w = publisher.publish(model, v)
     assert (w.transport, w.path, w.sha256, w.url) == ("gloo", "", "", publisher.cfg.zmq_transfer)
     assert decode(encode(w), WeightsReady) == w  # a valid announcement for actors (Redis copy included)
@@ -109,7 +98,7 @@ def test_pull_gets_the_newest_snapshot_and_survives_actor_and_learner_restarts(l
     from learner.publisher import WeightPublisher
 
     base = engine.version
-    models = {base + k: perturbed(tiny_model_dir, 0.05, seed=100 + base + k) for k in (1, 2, 3)}
+    models = {base + k: perturbed_model(tiny_model_dir, 0.05, seed=100 + base + k) for k in (1, 2, 3)}
     publisher.publish(models[base + 1], base + 1)
     w2 = publisher.publish(models[base + 2], base + 2)
     first = TransferClient(w2.url, "actor-r", timeout_s=60)
@@ -130,7 +119,7 @@ def test_pull_gets_the_newest_snapshot_and_survives_actor_and_learner_restarts(l
         restarted = rebind(lambda: WeightPublisher(publisher.cfg, tmp_path / "run2", tiny_model_dir,
                                                   actor_dtype="bfloat16"))
         try:
-            model = perturbed(tiny_model_dir, 0.05, seed=999)
+            model = perturbed_model(tiny_model_dir, 0.05, seed=999)
             w4 = restarted.publish(model, base + 4)
             assert w4.url == w3.url
             assert loop.run_until_complete(second.pull_into(engine, base + 4))[0] == base + 4
