@@ -52,9 +52,7 @@ def export_state_dict(model, dtype: str | None = None) -> dict:
     safetensors refuses tensors that share storage, so the tied head is a separate copy (a copy even
     when untied: cheap next to the write, and never aliases the embedding).
     """
-    state = {k: wire_tensor(v, dtype, "cpu") for k, v in published_tensors(model)}
-    state["lm_head.weight"] = state["lm_head.weight"].clone()
-    return state
+    return {k: wire_tensor(v, dtype, "cpu", copy=k == "lm_head.weight") for k, v in published_tensors(model)}
 
 
 def write_weights(model, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
