@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
     """Wire the components, run the actor until it stops, close everything. Returns the exit code."""
-    from actors.actor import Actor, TextCodec
+    from actors.actor import Actor
+    from envs.episode import TextCodec
     from actors.engine import Engine
-    from actors.weights import WeightSubscriber
+    from actors.weight_sync import WeightSubscriber
     from buffer import ControlPlane, GroupWriter
-    from learner.tiny import ensure_model
+    from tiny.build import ensure_model
 
     log = logging.getLogger("dcrl.actor")
     loop = asyncio.get_running_loop()

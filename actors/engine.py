@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from weights.collective import VLLM_BACKEND
+
 if TYPE_CHECKING:
     from configs.schema import DcrlConfig
 
@@ -82,11 +84,34 @@ def pick_gpu(replica: int, override: int | None, visible: Sequence[str]) -> str:
     return visible[replica % len(visible)]
 
 
+def vllm_cpu_env(kv_cache_gb: int = 1, threads: int | None = None) -> dict[str, str]:
+    """Environment variables for a vLLM CPU engine on a small shared machine (set before vLLM starts).
+
+    - VLLM_CPU_KVCACHE_SPACE: KV cache in GiB (default 4 would be mostly wasted on the tiny model).
+    - VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM's default ``auto`` pins the worker's OpenMP threads to
+      one core per NUMA node and reserves another for the scheduler; several engines plus a learner
+      on 2 cores would then all pile onto the same pinned core. ``nobind`` leaves placement to the OS.
+    - OMP_NUM_THREADS: with ``nobind`` vLLM does not set it; one thread per engine by default, since
+      the tiny model's matmuls are too small to gain from more and the learner needs the other core.
+    - TOKENIZERS_PARALLELISM=false: no tokenizer thread pool beside the engine.
+    - VLLM_HOST_IP / VLLM_LOOPBACK_IP=127.0.0.1: vLLM otherwise advertises the machine's network
+      address for its internal message queues; all traffic stays on loopback.
+    """
+    return {
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_LOOPBACK_IP": "127.0.0.1",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(threads or 1),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
 def prepare_device_env(cfg: "DcrlConfig", replica: int, environ: dict[str, str] | None = None) -> str:
     """Set the environment vLLM reads at import, return the device type ("cuda" or "cpu").
 
     GPU machine: ``CUDA_VISIBLE_DEVICES`` = the one GPU :func:`pick_gpu` chose. CPU machine: the vLLM
-    CPU settings of ``learner.tiny.vllm_cpu_env`` (KV cache ``actor.cpu_kv_cache_gb``, ``actor.cpu_threads``
+    CPU settings of :func:`vllm_cpu_env` (KV cache ``actor.cpu_kv_cache_gb``, ``actor.cpu_threads``
     OpenMP threads, no core pinning). Must run before ``import vllm`` (and torch) in this process.
     """
     env = os.environ if environ is None else environ
@@ -94,8 +119,6 @@ def prepare_device_env(cfg: "DcrlConfig", replica: int, environ: dict[str, str] 
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = pick_gpu(replica, cfg.actor.gpu, gpus)
         return "cuda"
-    from learner.tiny import vllm_cpu_env
-
     for k, v in vllm_cpu_env(cfg.actor.cpu_kv_cache_gb, cfg.actor.cpu_threads).items():
         env[k] = v
     return "cpu"
@@ -122,8 +145,6 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
         "worker_extension_cls": WORKER_EXTENSION,
     }
     if cfg.learner.weight_transfer != "files":
-        from learner.transfer import VLLM_BACKEND
-
         args["weight_transfer_config"] = {"backend": VLLM_BACKEND[cfg.learner.weight_transfer]}
     if device == "cuda":
         args["gpu_memory_utilization"] = cfg.actor.gpu_memory_utilization

@@ -17,7 +17,9 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferUpdateInfo
 
-GLOO_BACKEND = "dcrl_gloo"
+from weights.collective import VLLM_BACKEND, GlooGroup
+
+GLOO_BACKEND = VLLM_BACKEND["gloo"]
 
 
 class WorkerExtension:
@@ -53,8 +55,6 @@ class GlooWeightTransferEngine(NCCLWeightTransferEngine):
     init_info_cls = GlooInitInfo
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        from learner.transfer import GlooGroup
-
         if init_info.packed:
             raise ValueError(f"{GLOO_BACKEND}: packed transfer needs CUDA streams; the learner must send packed=False")
         if init_info.master_address is None or init_info.master_port is None:

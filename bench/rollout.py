@@ -108,10 +108,10 @@ def episode_stats(groups) -> dict:
 
 
 async def bench(cfg, groups: int, repeats: int) -> list[float]:
-    from actors.actor import EpisodeLimits, TextCodec, run_episode
+    from envs.episode import EpisodeLimits, TextCodec, run_episode
     from actors.engine import Engine
-    from actors.envs import make_env
-    from learner.tiny import ensure_model
+    from envs import make_env
+    from tiny.build import ensure_model
 
     model_dir = ensure_model(cfg)
     engine = await Engine.start(cfg, model_dir)

@@ -4,7 +4,7 @@ collective broadcast, measured side by side on one engine in one run.
 Per repeat, one new version each way (alternating, same model, same engine):
 
 - files, shared disk: ``WeightPublisher.publish`` writes ``weights/vXXXXXX`` (safetensors + sha256),
-  the actor verifies the digest (``actors.weights.resolve_weights``) and reloads (pause -> reload -> resume);
+  the actor verifies the digest (``actors.weight_sync.resolve_weights``) and reloads (pause -> reload -> resume);
 - files, no shared disk: the same, but the actor fetches the file over ZMQ from the learner first;
 - gloo: ``publish`` snapshots the weights, the actor pulls and vLLM's weight-transfer engine receives the
   broadcast (pause -> start -> update -> finish -> resume); no file. ("nccl" is the same path on GPUs.)
@@ -54,7 +54,7 @@ async def bench(cfg_files, cfg_gloo, model_dir: Path, workdir: Path, repeats: in
 
     from actors.engine import Engine
     from actors.transfer import TransferClient
-    from actors.weights import resolve_weights
+    from actors.weight_sync import resolve_weights
     from learner.publisher import WeightPublisher
     from protocol.messages import WeightsReady
 
@@ -120,7 +120,7 @@ def main() -> None:
 
     cfg_files, cfg_gloo = cfg("files"), cfg("gloo")
     from actors.engine import prepare_device_env
-    from learner.tiny import ensure_model
+    from tiny.build import ensure_model
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     prepare_device_env(cfg_gloo, replica=0)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.vocab import ControllerMode, Transport
+
 PRESET_DIR = Path(__file__).resolve().parent
 
 
@@ -81,7 +83,7 @@ class RedisConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    """Architecture and warm start of the built-in tiny Qwen3 model (``python -m learner.tiny``)."""
+    """Architecture and warm start of the built-in tiny Qwen3 model (``python -m tiny``)."""
 
     hidden_size: int = Field(128, ge=16)
     num_layers: int = Field(2, ge=1)
@@ -190,7 +192,7 @@ class LearnerConfig(_Strict):
     """PUB socket announcing WeightsReady."""
     zmq_files: str = "tcp://127.0.0.1:5591"
     """ROUTER socket serving weight files to actors without a shared filesystem."""
-    weight_transfer: Literal["files", "nccl", "gloo"] = "files"
+    weight_transfer: Transport = "files"
     """How actors get new weights. "files": a versioned safetensors directory per publish, read from a shared
     filesystem or fetched over ``zmq_files`` (works everywhere). "nccl": vLLM's native weight transfer, the
     learner broadcasting from its GPU into the actors' vLLM workers (GPU learner and actors; no files).
@@ -220,7 +222,7 @@ class LearnerConfig(_Strict):
 
 
 class ControllerConfig(_Strict):
-    mode: Literal["dcmdp", "none", "tis", "icepop", "mis", "fixed", "sync"] = "dcmdp"
+    mode: ControllerMode = "dcmdp"
     """Off-policy handling. dcmdp: adaptive (lambda drives penalty, IS bounds, K). Baselines on the same
     code path: none (mu taken as pi_old), tis (truncated IS), icepop (mask outside bounds), mis (masked IS,
     sequence level), fixed (TIS with K = k_max), sync (K = 0)."""
@@ -336,10 +338,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def resolve_preset(path: str | os.PathLike) -> Path:
     """A path as given, or the name of a bundled preset (``tiny`` -> configs/tiny.toml)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():  # a directory of the same name (e.g. the ``tiny`` package) is not a config
         return p
     for cand in (PRESET_DIR / p, PRESET_DIR / f"{p}.toml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
     raise ConfigError(f"config file not found: {path}")
 

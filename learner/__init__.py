@@ -2,10 +2,12 @@
 
 - ``trainer``: the training loop (``python -m learner``) and the wiring of its components;
 - ``discrepancy``, ``controller``, ``loss``: discrepancy metrics, the DCMDP controller, the policy loss;
-- ``publisher``: versioned weight directories, ZMQ announcement and file server;
+- ``publisher``: versioned weight directories and the ZMQ announcement (files served by ``weights.fileserver``);
+- ``transfer``: the learner's end of a collective (nccl/gloo) weight transfer;
 - ``checkpoint``: atomic checkpoints and the resume bookkeeping;
-- ``metrics``: metrics.jsonl, wandb, progress bar, report.png;
-- ``tiny``, ``weights_io``: the built-in tiny model and the published weight file.
+- ``metrics``: metrics.jsonl, wandb, progress bar, report.png.
+
+The learner never imports ``actors``: the built-in tiny model is ``tiny``, the weight format ``weights``.
 
 Nothing is imported here: ``python -m learner --help`` must not pay for torch.
 """

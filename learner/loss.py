@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from protocol.vocab import CONTROLLER_MODES
+
 if TYPE_CHECKING:
     from torch import Tensor
 
     from configs.schema import ControllerConfig
-
-MODES = ("dcmdp", "none", "tis", "icepop", "mis", "fixed", "sync")
-
 
 def grpo_advantages(rewards: "Tensor", eps: float = 1e-6) -> "Tensor":
     """A_i = (r_i - mean r) / (std r + eps) over one group's G rewards, Tensor[G] -> Tensor[G].
@@ -71,8 +70,8 @@ def behaviour_weights(logp_prox: "Tensor", logp_mu: "Tensor", mask: "Tensor", mo
     carries it). ``seq_index`` is required for ``mis``. Weights are 0 at tokens that are not kept."""
     import torch
 
-    if mode not in MODES:
-        raise ValueError(f"unknown controller mode {mode!r}; expected one of {MODES}")
+    if mode not in CONTROLLER_MODES:
+        raise ValueError(f"unknown controller mode {mode!r}; expected one of {CONTROLLER_MODES}")
     mask = mask.bool()
     log_rho = torch.where(mask, logp_prox.detach() - logp_mu.detach(), 0.0)
     rho = log_rho.exp()

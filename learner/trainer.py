@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from learner import checkpoint as ckpt_io
 from learner.metrics import METRICS_FILE, REPORT_FILE, MetricsLogger, truncate_metrics, write_report
 from protocol.messages import Control
+from protocol.vocab import TRUNCATED_FINISH_REASONS
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +165,7 @@ def episode_stats(groups) -> dict[str, float]:
         "episode/turns": sum(len(t.turn_starts) for t in trajs) / n,
         "episode/tokens": sum(len(t) for t in trajs) / n,
         "episode/generated_tokens": sum(int(t.mask_np.sum()) for t in trajs) / n,
-        "episode/truncated_frac": sum(t.finish_reason in ("length", "turn_limit", "token_limit") for t in trajs) / n,
+        "episode/truncated_frac": sum(t.finish_reason in TRUNCATED_FINISH_REASONS for t in trajs) / n,
     }
 
 
@@ -418,7 +419,7 @@ def load_policy(model_dir: Path, dtype: str, device: "torch.device"):
 
 def clear_run_outputs(run_dir: Path) -> None:
     """``--fresh``: remove what an earlier run of this name left (checkpoints, weights, metrics, report)."""
-    from learner.publisher import weights_root
+    from weights.fileserver import weights_root
 
     ckpt_io.remove_checkpoints(run_dir)
     if weights_root(run_dir).exists():
@@ -442,7 +443,7 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
     from buffer import ControlPlane, GroupReader
     from learner.controller import DCMDPController
     from learner.publisher import WeightPublisher
-    from learner.tiny import ensure_model
+    from tiny.build import ensure_model
 
     lcfg = cfg.learner
     run_dir = cfg.run.dir

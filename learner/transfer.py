@@ -37,88 +37,25 @@ packed broadcasts go one at a time) it blocks the other actors' broadcasts too. 
 
 from __future__ import annotations
 
-import datetime
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
 
-from learner.router import RouterServer
+from buffer.server import free_port
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, decode, encode
+from protocol.vocab import COLLECTIVE_TRANSPORTS
+from weights.collective import open_group, packed_defaults
+from weights.format import published_tensors, wire_tensor
+from weights.router import RouterServer
 
 log = logging.getLogger("dcrl.transfer")
 
-BACKENDS = ("nccl", "gloo")
-VLLM_BACKEND = {"nccl": "nccl", "gloo": "dcrl_gloo"}
-"""``WeightTransferConfig.backend`` of the actor's engine for each ``learner.weight_transfer``."""
-_GLOO_PREFIX = "dcrl-weights"
 _NCCL_PACKED_LOCK = threading.Lock()
 """One packed NCCL broadcast at a time in the learner: vLLM's packed producer shares its CUDA streams
 process-wide, and serialising keeps two channels' collectives from interleaving on them. Unpacked
 broadcasts use a stream per channel and run side by side."""
-
-
-class GlooGroup:
-    """A gloo process group of its own (no ``torch.distributed`` global state), with the two methods of
-    vLLM's ``PyNcclCommunicator`` that weight transfer uses: ``broadcast`` and ``destroy``.
-
-    Rank 0 hosts the rendezvous store on ``host:port``; every socket is on ``host`` (127.0.0.1 locally).
-    """
-
-    def __init__(self, store, pg, rank: int, world_size: int):
-        self._store = store
-        self._pg = pg
-        self.rank = rank
-        self.world_size = world_size
-
-    @classmethod
-    def create(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> "GlooGroup":
-        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
-
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = TCPStore(host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
-        opts = ProcessGroupGloo._Options()
-        opts._timeout = timeout
-        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-        pg = ProcessGroupGloo(PrefixStore(_GLOO_PREFIX, store), rank, world_size, opts)
-        return cls(store, pg, rank, world_size)
-
-    def broadcast(self, tensor, src: int, stream=None) -> None:
-        """In place on every rank; blocks until done (``stream`` is accepted for NCCL parity, unused)."""
-        from torch.distributed import BroadcastOptions
-
-        opts = BroadcastOptions()
-        opts.rootRank = src
-        opts.rootTensor = 0
-        self._pg.broadcast([tensor], opts).wait()
-
-    def destroy(self) -> None:
-        pg, store, self._pg, self._store = self._pg, self._store, None, None
-        if pg is not None and hasattr(pg, "shutdown"):
-            pg.shutdown()
-        del pg, store
-
-
-def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """Join the trainer<->workers group as ``rank``: vLLM's PyNcclCommunicator (on the current CUDA
-    device) for ``nccl``, a :class:`GlooGroup` for ``gloo``. Blocks until every rank has joined."""
-    if backend == "gloo":
-        return GlooGroup.create(host, port, rank, world_size, timeout_s)
-    if backend == "nccl":
-        import torch
-        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
-
-        return stateless_init_process_group(host, port, rank, world_size, torch.accelerator.current_device_index())
-    raise ValueError(f"unknown weight transfer backend {backend!r} (expected one of {BACKENDS})")
-
-
-def packed_defaults() -> tuple[int, int]:
-    """vLLM's packed-broadcast geometry (buffer bytes, number of buffers), used by both sides."""
-    from vllm.distributed.weight_transfer.packed_tensor import (DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-                                                                DEFAULT_PACKED_NUM_BUFFERS)
-
-    return DEFAULT_PACKED_BUFFER_SIZE_BYTES, DEFAULT_PACKED_NUM_BUFFERS
 
 
 # ------------------------------------------------------------------ snapshots
@@ -143,15 +80,13 @@ class Snapshot:
 
 
 def take_snapshot(model, version: int, wire_dtype: str | None = None, device=None) -> Snapshot:
-    """Copy the model's published tensors (``learner.weights_io.published_tensors``: the state dict plus
+    """Copy the model's published tensors (``weights.format.published_tensors``: the state dict plus
     an explicit ``lm_head.weight``), floating ones cast to ``wire_dtype`` (a torch dtype name) when given,
     onto ``device`` when given (else they stay on the model's device).
 
     Returns only once the copies exist: on a GPU the copy kernels are waited for, so a channel that
     broadcasts the snapshot from its own CUDA stream never reads a half-written tensor."""
     import torch
-
-    from learner.weights_io import published_tensors, wire_tensor
 
     with torch.no_grad():
         pairs = [(name, wire_tensor(t, wire_dtype, device, copy=True)) for name, t in published_tensors(model)]
@@ -274,8 +209,9 @@ class TransferServer(RouterServer):
 
     def __init__(self, endpoint: str, backend: str, *, host: str = "127.0.0.1", timeout_s: float = 120.0,
                  packed: bool = False, device_index: int | None = None, poll_ms: int = 100):
-        if backend not in BACKENDS:
-            raise ValueError(f"learner.weight_transfer: unknown backend {backend!r} (expected {BACKENDS})")
+        if backend not in COLLECTIVE_TRANSPORTS:
+            raise ValueError(f"learner.weight_transfer: unknown backend {backend!r} "
+                             f"(expected one of {COLLECTIVE_TRANSPORTS})")
         if packed and backend != "nccl":
             raise ValueError("packed weight transfer needs the nccl backend")
         self.backend, self.host, self.timeout_s = backend, host, timeout_s
@@ -304,8 +240,6 @@ class TransferServer(RouterServer):
         return TransferReply(op=req.op, error=f"unknown op {req.op!r} (expected 'join' or 'pull')")
 
     def _join(self, req: TransferRequest) -> TransferReply:
-        from buffer.server import free_port
-
         if req.world_size < 1:
             return TransferReply(op="join", error=f"world_size {req.world_size} < 1")
         old = self.channels.pop(req.actor_id, None)

@@ -3,7 +3,6 @@
 from protocol.messages import (
     ChunkHeader,
     FetchChunk,
-    FINISH_REASONS,
     Control,
     ProtocolError,
     Trajectory,
@@ -17,6 +16,7 @@ from protocol.messages import (
     validate_group,
     validate_trajectory,
 )
+from protocol.vocab import FINISH_REASONS
 
 __all__ = [
     "ChunkHeader",

@@ -15,16 +15,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from protocol.vocab import FINISH_REASONS, TRANSPORTS, FinishReason, Transport
+
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
 VERSION_DTYPE = np.dtype("<i4")
 MASK_DTYPE = np.dtype("<u1")
 
-# How WeightsReady reaches the actors: versioned files, or a broadcast from the learner (learner.transfer).
-WEIGHT_TRANSPORTS = ("files", "nccl", "gloo")
-
-# Finish reasons an actor may report for one trajectory.
-FINISH_REASONS = ("stop", "length", "env_done", "turn_limit", "token_limit", "aborted")
 
 
 class ProtocolError(ValueError):
@@ -47,7 +44,7 @@ class Trajectory(msgspec.Struct, kw_only=True, frozen=True):
     loss_mask: bytes  # uint8, 1 = model-generated (trained on), 0 = prompt / environment
     reward: float  # episode return from the environment
     turn_starts: list[int] = []  # token index where each model turn begins
-    finish_reason: str = "stop"  # one of FINISH_REASONS
+    finish_reason: FinishReason = "stop"  # protocol.vocab.FinishReason
     prompt_len: int = 0  # tokens of the first observation
 
     @classmethod
@@ -60,7 +57,7 @@ class Trajectory(msgspec.Struct, kw_only=True, frozen=True):
         *,
         reward: float,
         turn_starts: list[int] | None = None,
-        finish_reason: str = "stop",
+        finish_reason: FinishReason = "stop",
         prompt_len: int = 0,
     ) -> "Trajectory":
         return cls(
@@ -122,7 +119,7 @@ class WeightsReady(msgspec.Struct, kw_only=True, frozen=True):
     sha256: str  # hex digest of model.safetensors
     url: str = ""  # ZMQ endpoint that serves the file (files) or answers pulls (collective transports)
     created_at: float = 0.0
-    transport: str = "files"
+    transport: Transport = "files"  # protocol.vocab.Transport
 
 
 # Learner -> actors (control hash <prefix>:control)
@@ -321,8 +318,8 @@ def _group_ok(g: TrajectoryGroup, vocab_size: int | None, current_version: int |
 def validate_weights_ready(w: WeightsReady) -> None:
     if w.version < 0:
         raise ProtocolError(f"WeightsReady.version {w.version} < 0")
-    if w.transport not in WEIGHT_TRANSPORTS:
-        raise ProtocolError(f"WeightsReady.transport {w.transport!r} is not one of {WEIGHT_TRANSPORTS}")
+    if w.transport not in TRANSPORTS:
+        raise ProtocolError(f"WeightsReady.transport {w.transport!r} is not one of {TRANSPORTS}")
     if w.transport != "files":
         if not w.url:
             raise ProtocolError(f"WeightsReady.url is empty (transport {w.transport} pulls from it)")

@@ -26,7 +26,7 @@ if [ "${DCRL_RESUME:-0}" != 1 ]; then
   rm -rf "$run_dir" "$redis_dir"
 fi
 
-python -m learner.tiny --config "$DCRL_CONFIG"
+python -m tiny --config "$DCRL_CONFIG"
 echo "[run] honcho start -c actor=$ACTORS  (config $DCRL_CONFIG; logs below; Ctrl-C stops everything)"
 set +e
 honcho start -f Procfile -e .env -c "actor=$ACTORS"

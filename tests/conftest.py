@@ -46,7 +46,7 @@ RANDOM_TINY = ["model.tiny.warmstart_steps=0", "model.tiny.warmstart_eval_episod
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny model, briefly warm-started, built once per test session."""
     from configs import load_config
-    from learner.tiny import ensure_model
+    from tiny.build import ensure_model
 
     cfg = load_config("tiny", FAST_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-fast'}"], env={})
     return ensure_model(cfg, log=lambda *a: None)
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def random_tiny_dir(tmp_path_factory) -> Path:
     """The tiny model with random weights (no warm start), built once per test session."""
     from configs import load_config
-    from learner.tiny import ensure_model
+    from tiny.build import ensure_model
 
     cfg = load_config("tiny", RANDOM_TINY + [f"model.path={tmp_path_factory.getbasetemp() / 'tiny-random'}"],
                       env={})
@@ -138,7 +138,7 @@ def start_cpu_engine(loop, cfg, model_dir):
     """An actors.engine.Engine on vLLM CPU (1 GB KV cache, one thread), its processes given vLLM's CPU
     environment while this process keeps its own."""
     from actors.engine import Engine
-    from learner.tiny import vllm_cpu_env
+    from actors.engine import vllm_cpu_env
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():

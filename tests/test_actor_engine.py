@@ -14,9 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from actors.actor import Actor, EpisodeLimits, TextCodec, run_episode
+from actors.actor import Actor
+from envs.episode import EpisodeLimits, TextCodec, run_episode
 from buffer.admission import admission_capacity
-from actors.envs import GuessNumber, make_env
+from envs import GuessNumber, make_env
 from buffer.server import free_port
 from configs.schema import load_config
 from conftest import FAST_TINY, load_model, perturbed_model, start_cpu_engine
@@ -241,7 +242,7 @@ def test_actor_control_stop_drains_in_flight_groups(engine, loop, codec, tiny_mo
     produced = control.counters()["produced"]
     capacity = admission_capacity(v, 5, 1)
     assert 1 <= len(groups) == produced <= capacity, "every admitted group is finished and streamed, none lost"
-    assert int(control.client.hget(control.keys.control, "held:actor-t") or 0) == 0
+    assert control.held("actor-t") == 0
     for g in groups:
         assert g.env == "guess_number" and len(g.trajectories) == 4 and g.engine == "vllm-cpu/bf16"
         for t in g.trajectories:
@@ -310,14 +311,14 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
         actor.request_stop()
         await actor._race(asyncio.get_running_loop().create_future())
 
-    actor._catch_up_weights = stop_while_catching_up
+    actor.weights.catch_up = stop_while_catching_up
     try:
         reason = loop.run_until_complete(asyncio.wait_for(actor.run(), 60))
     finally:
         writer.close()
     assert reason == "signal" and caught_up == [1], "the stop did not land during the catch-up"
     assert control.counters()["produced"] == 0 == control.client.xlen(control.keys.traj)
-    assert int(control.client.hget(control.keys.control, "held:actor-t") or 0) == 0
+    assert control.held("actor-t") == 0
     control.close()
 
 
@@ -336,7 +337,7 @@ def test_actor_stop_does_not_wait_for_a_silent_transfer_server(engine, loop, cod
     async def scenario():
         task = asyncio.create_task(actor.run())
         await asyncio.sleep(1.5)
-        assert not task.done() and actor._transfer is not None, "the actor is not waiting on the join"
+        assert not task.done() and actor.weights._transfer is not None, "the actor is not waiting on the join"
         t0 = time.monotonic()
         actor.request_stop()
         return await asyncio.wait_for(task, 30), time.monotonic() - t0

@@ -129,7 +129,7 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_m
     assert len({g.group_id for g in final}) == len(final)
     counters = control.counters()
     assert counters["produced"] == len(final), f"admitted but never streamed: {counters} vs {len(final)}"
-    assert int(control.client.hget(control.keys.control, "held:actor-3") or 0) == 0
+    assert control.held("actor-3") == 0
     for g in final:
         for t in g.trajectories:
             assert (t.logprobs_np[t.mask_np == 1] <= 0).all() and np.isfinite(t.logprobs_np).all()

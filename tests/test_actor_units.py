@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from actors.actor import (EpisodeLimits, TokenLog, episode_room, group_seed, groups_in_flight_limit, replica_index,
-                          resolve_actor_id, turn_budget)
+from envs.episode import EpisodeLimits, TokenLog, episode_room, turn_budget
+from actors.actor import group_seed, groups_in_flight_limit, replica_index, resolve_actor_id
 from actors.engine import engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
 from configs.schema import load_config
 from protocol.messages import decode_group, encode, TrajectoryGroup
@@ -139,7 +139,7 @@ def test_actor_cli_help_is_fast_and_imports_no_engine():
     assert out.returncode == 0 and "--actor-id" in out.stdout
     assert elapsed < 2.0, f"--help took {elapsed:.2f}s"
     probe = subprocess.run([sys.executable, "-c", "import sys, actors.__main__, actors.actor, actors.engine, "
-                            "actors.weights; print(sorted(m for m in ('torch', 'vllm', 'transformers') "
+                            "actors.weight_sync, envs.episode, tiny.build; print(sorted(m for m in ('torch', 'vllm', 'transformers') "
                             "if m in sys.modules))"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "[]", probe.stderr
 
@@ -151,7 +151,7 @@ def test_actor_cli_bad_config_names_field():
 
 
 def test_weights_behind_cap_only_past_the_staleness_cap():
-    from actors.actor import weights_behind_cap
+    from actors.weight_sync import weights_behind_cap
 
     assert weights_behind_cap(engine_version=2, learner_version=3, max_staleness=0)
     assert not weights_behind_cap(engine_version=3, learner_version=3, max_staleness=0)

@@ -27,7 +27,7 @@ TEMPERATURE = 1.0
 
 def sample_prompts(tokenizer) -> list[list[int]]:
     """Arithmetic problems and guess_number openings, as token ids."""
-    from actors.envs import make_env
+    from envs import make_env
 
     texts = [make_env("arithmetic", {}).reset(s) for s in range(N_PROMPTS - 8)]
     texts += ["guess 1-100:", "guess 1-100:50", "guess 1-100:50<eos>higher:"] * 2 + ["1+1=", "99+99="]
@@ -36,7 +36,7 @@ def sample_prompts(tokenizer) -> list[list[int]]:
 
 def vllm_worker(model_dir: str, dtype: str, out_path: str) -> None:
     """Subprocess body: sample with vLLM in ``dtype``, write prompts, tokens and behaviour logprobs."""
-    from learner.tiny import vllm_cpu_env
+    from actors.engine import vllm_cpu_env
 
     os.environ.update(vllm_cpu_env(kv_cache_gb=1))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: one process to clean up
@@ -79,7 +79,7 @@ def trainer_logprobs(model, records: list[dict]) -> list[list[float]]:
     """fp32 transformers logprobs (temperature applied) of each record's sampled tokens."""
     import torch
 
-    from learner.tiny import torch_threads
+    from tiny.build import torch_threads
 
     result = []
     with torch.no_grad(), torch_threads(1):  # 2 contended OpenMP threads measured ~10x slower on 2 cores

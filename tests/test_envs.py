@@ -8,8 +8,7 @@ import textwrap
 
 import pytest
 
-from actors.envs import (Arithmetic, Env, EnvError, GuessNumber, StepResult, guess_reward, make_env,
-                         parse_int)
+from envs import Arithmetic, Env, EnvError, GuessNumber, StepResult, guess_reward, make_env, parse_int
 
 CHARSET = "\n" + "".join(chr(c) for c in range(32, 127))  # the tiny tokenizer's characters
 
@@ -136,7 +135,7 @@ def test_parse_int_accepts_only_plain_integers():
 
 def test_make_env_loads_import_path(tmp_path, monkeypatch):
     (tmp_path / "my_envs.py").write_text(textwrap.dedent("""
-        from actors.envs import StepResult
+        from envs import StepResult
 
         class Echo:
             def __init__(self, word="ping"):
@@ -155,8 +154,8 @@ def test_make_env_loads_import_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, fragment", [
     ("no_such_module_xyz:Env", "cannot import module 'no_such_module_xyz'"),
-    ("actors.envs:NoSuchClass", "has no attribute 'NoSuchClass'"),
-    ("actors.envs:parse_int", "is not an Env class"),
+    ("envs:NoSuchClass", "has no attribute 'NoSuchClass'"),
+    ("envs:parse_int", "is not an Env class"),
     ("nonsense", "not a built-in"),
 ])
 def test_make_env_errors_name_the_path(name, fragment):

@@ -59,7 +59,7 @@ def test_gpu_job_runs_actor_on_vllm_cuda_and_learner_on_cuda(tmp_path, redis_url
                  "learner.zmq_transfer": f"tcp://127.0.0.1:{free_port()}"}
     env = {**os.environ, "DCRL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
     args = ["--config", "tiny", *_sets(tmp_path, **extra)]
-    subprocess.run([sys.executable, "-m", "learner.tiny", *args], check=True, cwd=ROOT, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "tiny", *args], check=True, cwd=ROOT, env=env, timeout=600)
     learner = subprocess.Popen([sys.executable, "-m", "learner", *args], cwd=ROOT, env=env)
     actor_log = open(tmp_path / "actor.log", "w")
     actor = subprocess.Popen([sys.executable, "-m", "actors", *args, "--actor-id", "actor-0"], cwd=ROOT, env=env,

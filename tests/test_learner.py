@@ -177,7 +177,7 @@ def test_learner_steps_change_every_parameter_publish_checkpoint_and_ack(tmp_pat
     from learner.checkpoint import list_checkpoints, load_latest
     from learner.metrics import write_report
     from learner.trainer import setup
-    from learner.weights_io import sha256_file
+    from weights.format import sha256_file
 
     cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir)
     push(cfg, make_groups(data_model, 6))

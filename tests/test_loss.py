@@ -10,6 +10,7 @@ import torch
 from configs.schema import ControllerConfig
 from learner import loss as L
 from learner.discrepancy import per_token_discrepancy
+from protocol.vocab import CONTROLLER_MODES
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 
@@ -123,7 +124,7 @@ def test_grpo_advantages_equal_rewards_give_zeros():
     assert torch.allclose(L.grpo_advantages(torch.tensor([1, 0, 0, 1])), torch.tensor([1.0, -1, -1, 1]), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", L.MODES)
+@pytest.mark.parametrize("mode", CONTROLLER_MODES)
 def test_behaviour_weights_match_loop_reference(mode):
     b = _batch(seed=1)
     cfg = _cfg()

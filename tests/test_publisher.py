@@ -9,8 +9,9 @@ import zmq
 
 from buffer.server import free_port
 from configs.schema import load_config
-from learner.publisher import (WeightPublisher, fetch_weights, kept_versions, version_dir)
-from learner.weights_io import WEIGHTS_FILE, sha256_file
+from learner.publisher import WeightPublisher
+from weights.fileserver import fetch_weights, kept_versions, version_dir
+from weights.format import WEIGHTS_FILE, sha256_file
 from protocol.messages import ChunkHeader, FetchChunk, WeightsReady, decode, encode
 
 

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from configs.schema import load_config
 from conftest import FAST_TINY
-from learner.tiny import (CHARSET, EVAL_SEED_BASE, STAMP_FILE, build_tokenizer, ensure_model, evaluate_accuracy,
-                          guess_segments, is_current, read_stamp)
-from learner.weights_io import sha256_file, write_weights
+from tiny.tokenizer import CHARSET, build_tokenizer
+from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
+from tiny.build import STAMP_FILE, ensure_model, is_current, read_stamp
+from tiny.data import guess_segments
+from weights.format import sha256_file, write_weights
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -30,7 +32,7 @@ def fast_config(path: Path, extra: list[str] = ()):
 def one_torch_thread():
     """One intra-op thread for this module's forward passes: on the shared 2-core CI machine two
     OpenMP threads competing with other processes were measured ~10x slower. Restored afterwards."""
-    from learner.tiny import torch_threads
+    from tiny.build import torch_threads
 
     with torch_threads(1):
         yield
@@ -88,7 +90,7 @@ def test_evaluate_accuracy_matches_unbatched_generate(hf_model, hf_tokenizer):
     """Reference: transformers' own greedy generate, one prompt at a time (no padding at all)."""
     import torch
 
-    from actors.envs import make_env
+    from envs import make_env
 
     seeds = list(range(40))
     correct = 0
@@ -103,7 +105,7 @@ def test_evaluate_accuracy_matches_unbatched_generate(hf_model, hf_tokenizer):
 
 
 def test_warm_started_model_plays_guess_number(hf_model, hf_tokenizer):
-    from learner.tiny import run_greedy_episodes
+    from tiny.evaluate import run_greedy_episodes
 
     results = run_greedy_episodes(hf_model, hf_tokenizer, "guess_number", list(range(10)))
     # Dialogue format learned: every turn is parsed as a number (no "number?:" replies).
@@ -217,7 +219,7 @@ def test_ensure_model_refuses_foreign_directory(tmp_path):
     foreign = tmp_path / "someone-elses-model"
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="not built by learner.tiny"):
+    with pytest.raises(RuntimeError, match="not built by tiny.build"):
         ensure_model(fast_config(foreign, ["model.tiny.warmstart_steps=0"]))
     assert (foreign / "config.json").read_text() == "{}"
     assert not (foreign / STAMP_FILE).exists()
@@ -235,14 +237,14 @@ def test_guess_segments_are_a_solved_binary_search():
     observations = [t for t, is_model in pieces if not is_model]
     assert observations[0] == "guess 1-100:" and model_turns[0] == "50"
     assert len(observations) == len(model_turns)  # every wrong guess answered, the last one correct
-    from actors.envs import GuessNumber
+    from envs import GuessNumber
 
     assert int(model_turns[-1]) == GuessNumber.hidden_number(3, 100)
 
 
 def test_tiny_cli_help_is_fast():
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "learner.tiny", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tiny", "--help"], capture_output=True, text=True,
                          timeout=30, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "--sample" in out.stdout
     assert time.monotonic() - t0 < 2.0

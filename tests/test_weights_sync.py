@@ -15,11 +15,11 @@ import time
 import pytest
 import zmq
 
-from actors.weights import (WeightsRefused, WeightSubscriber, newest, prune_cache, refusal_key, resolve_weights,
-                            should_load, version_dirname)
+from actors.weight_sync import (WeightsRefused, WeightSubscriber, newest, prune_cache, refusal_key, resolve_weights, should_load)
+from weights.format import version_dirname
 from buffer.server import free_port
-from learner.publisher import WeightFileServer, version_dir
-from learner.weights_io import WEIGHTS_FILE
+from weights.fileserver import WeightFileServer, version_dir
+from weights.format import WEIGHTS_FILE
 from protocol.messages import WeightsReady, encode
 
 

@@ -1,7 +1,8 @@
-"""Writing published weights: one ``model.safetensors`` per version, atomic, with its sha256.
+"""The published weight format: one ``model.safetensors`` per version in a directory ``vXXXXXX``, with its sha256.
 
-Called by the learner's weight publisher for every version and by ``learner.tiny`` for version 0;
-actors verify the digest before ``reload_weights``.
+Written by the learner's publisher for every version and by ``tiny.build`` for version 0; read and
+verified by the actors (``actors.weight_sync``) before ``reload_weights``. The tensors a collective
+transfer broadcasts are the same (``published_tensors``).
 
 Tied embeddings: the file always holds ``lm_head.weight`` explicitly (a copy of the input embedding).
 Measured on vLLM CPU: a reload from a file without it keeps the OLD output head (vLLM repacks the
@@ -13,10 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 WEIGHTS_FILE = "model.safetensors"
 _HASH_BLOCK = 1 << 20
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+def version_dirname(version: int) -> str:
+    """Directory name of one published version: ``v{version:06d}`` (learner's run dir and actors' caches alike)."""
+    return f"v{version:06d}"
+
+
+def parse_version_dirname(name: str) -> int | None:
+    """The version of a directory named by :func:`version_dirname`, else None."""
+    m = _VERSION_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

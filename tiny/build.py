@@ -1,0 +1,223 @@
+"""The built-in tiny model: a Qwen3-architecture LM with a character tokenizer, warm-started on the envs.
+
+``ensure_model(cfg)`` is what the learner and the actors call at start: it returns ``cfg.model.path``,
+building it first when ``cfg.model.build_tiny`` is set and the directory is missing or was built from
+a different ``model.tiny`` config. The directory is a plain HF model dir (config.json, tokenizer.json,
+tokenizer_config.json, model.safetensors) that transformers and vLLM (CPU) both load.
+
+Build = tokenizer (``tiny.tokenizer``) + random init + a short supervised warm start (teacher forcing on
+the built-in environments' formats, ``tiny.data``: ``37+48=85<eos>`` and binary-search ``guess_number``
+dialogues). It stops as soon as greedy arithmetic accuracy on held-out seeds (``tiny.evaluate``) reaches
+``model.tiny.warmstart_max_acc``: the model is left deliberately mediocre so RL has something to improve.
+
+CLI: ``python -m tiny`` (see ``tiny/__main__.py``). Heavy imports (torch, transformers) happen inside
+functions, so importing this module stays cheap for the learner's and the actor's entry points.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tiny.data import arithmetic_segments, encode_segments, guess_segments, masked_nll, pad_batch
+from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
+from tiny.tokenizer import build_tokenizer, save_tokenizer, vocab_layout
+from weights.format import sha256_file, write_weights
+
+if TYPE_CHECKING:
+    from configs.schema import DcrlConfig, TinyModelConfig
+
+# Bump when the tokenizer, the data format or the build procedure changes: old caches become stale.
+BUILD_FORMAT = 1
+STAMP_FILE = "dcrl_tiny_stamp.json"
+
+
+def build_model_config(tiny: "TinyModelConfig", vocab_size: int, tokenizer):
+    """Qwen3 config for the tiny model: tied embeddings, fp32 weights, ids of the special tokens."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        head_dim=tiny.head_dim,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        architectures=["Qwen3ForCausalLM"],  # vLLM picks its model class from this list
+    )
+
+
+def check_vllm_cpu_constraints(tiny: "TinyModelConfig") -> None:
+    """Shapes vLLM's CPU attention backend accepts: head_dim in its kernel list, GQA groups whole."""
+    supported = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+    if tiny.head_dim not in supported:
+        raise ValueError(f"model.tiny.head_dim={tiny.head_dim}: vLLM CPU attention supports {supported}")
+    if tiny.num_heads % tiny.num_kv_heads:
+        raise ValueError(f"model.tiny.num_heads ({tiny.num_heads}) must be a multiple of "
+                         f"num_kv_heads ({tiny.num_kv_heads})")
+
+
+def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) -> dict:
+    """Supervised warm start (AdamW, teacher forcing) until held-out greedy arithmetic accuracy reaches
+    ``tiny.warmstart_max_acc`` or ``tiny.warmstart_steps`` steps; returns {steps, accuracy, seconds}.
+
+    Each step: ``warmstart_batch`` arithmetic episodes plus ``warmstart_guess_fraction`` as many
+    binary-search guess_number dialogues (two forward passes, so short problems are not padded to
+    dialogue length). Accuracy is checked every ``warmstart_eval_every`` steps.
+    """
+    import torch
+
+    rng = random.Random(seed)
+    eval_seeds = [EVAL_SEED_BASE + i for i in range(tiny.warmstart_eval_episodes)]
+    opt = torch.optim.AdamW(model.parameters(), lr=tiny.warmstart_lr, weight_decay=0.0)
+    n_guess = round(tiny.warmstart_batch * tiny.warmstart_guess_fraction)
+    if tiny.warmstart_guess_fraction > 0:
+        n_guess = max(1, n_guess)
+    t0 = time.monotonic()
+    acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
+    step = 0
+    while step < tiny.warmstart_steps and acc < tiny.warmstart_max_acc:
+        model.train()
+        arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer)
+                 for _ in range(tiny.warmstart_batch)]
+        loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
+        if n_guess:
+            dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer)
+                         for _ in range(n_guess)]
+            loss = loss + masked_nll(model, *pad_batch(dialogues, tokenizer.pad_token_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % tiny.warmstart_eval_every == 0 or step == tiny.warmstart_steps:
+            acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
+            log(f"[tiny] warm start step {step:4d}  loss {loss.item():.3f}  "
+                f"held-out arithmetic acc {acc:.3f}  ({time.monotonic() - t0:.0f}s)")
+    return {"steps": step, "accuracy": acc, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def config_digest(cfg: "DcrlConfig") -> str:
+    """sha256 over everything the built model depends on: model.tiny, run.seed, BUILD_FORMAT."""
+    payload = {"tiny": cfg.model.tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def read_stamp(model_dir: Path) -> dict | None:
+    p = model_dir / STAMP_FILE
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def is_current(model_dir: Path, cfg: "DcrlConfig") -> bool:
+    """The directory holds a complete build for this config (the stamp is written last)."""
+    stamp = read_stamp(model_dir)
+    return stamp is not None and stamp.get("config_sha256") == config_digest(cfg) and \
+        (model_dir / "model.safetensors").is_file()
+
+
+def build_tiny_model(cfg: "DcrlConfig", out_dir: Path, log=print) -> dict:
+    """Build tokenizer + model, warm-start it, save the HF dir into ``out_dir``; returns the stamp."""
+    tiny = cfg.model.tiny
+    check_vllm_cpu_constraints(tiny)
+    with torch_threads(tiny.warmstart_threads):
+        return _build(cfg, out_dir, log)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op torch threads, restoring the caller's setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    tiny = cfg.model.tiny
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    tokenizer = build_tokenizer()
+    mcfg = build_model_config(tiny, len(vocab_layout()), tokenizer)
+    model = Qwen3ForCausalLM(mcfg).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[tiny] building {n_params / 1e6:.2f}M-parameter Qwen3 (vocab {mcfg.vocab_size}) into {out_dir}")
+    result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log)
+    log(f"[tiny] warm start done: {result['steps']} steps, held-out arithmetic accuracy "
+        f"{result['accuracy']:.3f} in {result['seconds']}s")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
+    digest = write_weights(model, out_dir)
+    assert digest == sha256_file(out_dir / "model.safetensors")
+    stamp = {"config_sha256": config_digest(cfg), "sha256": digest, "params": n_params, **result,
+             "created_at": time.time()}
+    (out_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    return stamp
+
+
+@contextmanager
+def _build_lock(model_dir: Path):
+    """Exclusive lock beside the model dir: actor and learner starting together build it once."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_model(cfg: "DcrlConfig", force: bool = False, log=print) -> Path:
+    """The HF model dir of ``cfg.model.path``, built and warm-started first if needed.
+
+    Without ``cfg.model.build_tiny`` the path is returned as is (a local dir or a hub name).
+    With it, a dir carrying a stamp of this very config is reused; a missing or stale one is rebuilt
+    into a temporary sibling and renamed into place (readers never see half a model). A non-empty dir
+    without a stamp is somebody else's model and is never deleted: that is an error.
+    """
+    path = Path(cfg.model.path)
+    if not cfg.model.build_tiny:
+        return path
+    with _build_lock(path):
+        if not force and is_current(path, cfg):
+            return path
+        if path.exists() and any(path.iterdir()) and read_stamp(path) is None:
+            raise RuntimeError(f"model.path {path} holds files not built by tiny.build; "
+                               "refusing to overwrite it (point model.path elsewhere or set "
+                               "model.build_tiny=false)")
+        tmp = path.parent / f".{path.name}.build-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build_tiny_model(cfg, tmp, log=log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-built dir left behind; the error goes on
+            raise
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    return path

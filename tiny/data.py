@@ -1,0 +1,77 @@
+"""Warm-start data for the tiny model: solved episodes of the built-in environments, as token ids and loss masks.
+
+The layout is the actor's (``envs.episode``): ``obs_0 | turn_1 EOS | obs_1 | ...``, loss on model turns only.
+"""
+
+from __future__ import annotations
+
+from envs import Arithmetic, GuessNumber
+
+
+def arithmetic_segments(seed: int) -> list[tuple[str, bool]]:
+    """One solved arithmetic episode as (text, is_model_turn) pieces; the model turn ends with EOS."""
+    env = Arithmetic()
+    prompt = env.reset(seed)
+    return [(prompt, False), (str(env.answer), True)]
+
+
+def binary_search_guess(lo: int, hi: int) -> int:
+    """The teacher's guess for guess_number given the feasible range [lo, hi]: the midpoint (lo + hi) // 2."""
+    return (lo + hi) // 2
+
+
+def guess_segments(seed: int, hi: int = 100, max_turns: int = 12) -> list[tuple[str, bool]]:
+    """One guess_number episode played by binary search, as (text, is_model_turn) pieces."""
+    env = GuessNumber(hi=hi, max_turns=max_turns)
+    pieces = [(env.reset(seed), False)]
+    lo, top = 1, hi
+    while True:
+        guess = binary_search_guess(lo, top)
+        pieces.append((str(guess), True))
+        result = env.step(str(guess))
+        if result.done:
+            return pieces
+        pieces.append((result.observation, False))
+        if result.observation.startswith("higher"):
+            lo = guess + 1
+        else:
+            top = guess - 1
+
+
+def encode_segments(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask of one episode: model turns get EOS appended and mask 1."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, is_model in pieces:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        if is_model:
+            piece = piece + [tokenizer.eos_token_id]
+        ids += piece
+        mask += [int(is_model)] * len(piece)
+    return ids, mask
+
+
+def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (ids, loss mask, attention mask) tensors, shape [B, max_len]."""
+    import torch
+
+    n = max(len(ids) for ids, _ in seqs)
+    ids_t = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    loss_t = torch.zeros((len(seqs), n), dtype=torch.float32)
+    attn_t = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        loss_t[i, : len(ids)] = torch.tensor(mask, dtype=torch.float32)
+        attn_t[i, : len(ids)] = 1
+    return ids_t, loss_t, attn_t
+
+
+def masked_nll(model, ids, loss_mask, attn):
+    """Mean next-token NLL over positions whose TARGET token has loss_mask 1 (teacher forcing)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    targets = ids[:, 1:]
+    weights = loss_mask[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll * weights.reshape(-1)).sum() / weights.sum().clamp(min=1.0)
