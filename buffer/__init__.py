@@ -1,10 +1,12 @@
 """dcrl buffer: the Redis replay queue between actors and learner.
 
-- :class:`GroupWriter` (actors): ``send(group)`` never raises on a Redis outage; groups are held and resent.
+- :class:`GroupWriter` (actors): ``send(group, slot)`` never raises on a Redis outage; groups are held and
+  resent.
 - :class:`GroupReader` (learner): ``receive`` / ``ack``; at-least-once, reclaims from dead consumers,
   validates every entry and dead-letters the invalid ones.
-- :class:`ControlPlane`: the learner's Control and WeightsReady, admission (``try_admit`` / ``release``),
-  counters.
+- :class:`ControlPlane`: the learner's Control and WeightsReady, the admission ledger (``admit`` ->
+  slot token, settled by ``GroupWriter.send(group, slot)``, or ``cancel`` / ``give_back`` /
+  ``reclaim_expired``), counters.
 - :func:`admission_capacity`: (K + V + 1) * batch_groups.
 - :func:`connect`: a client with AUTH and backoff.
 

@@ -1,13 +1,46 @@
-"""Admission control: how many groups actors may have produced, and the atomic server-side scripts.
+"""Admission control: the capacity rule, and the admission ledger's atomic server-side scripts.
 
 The rule (AReaL-style capacity, global across actors through one Redis counter):
 
     admitted while  produced < (K + V + 1) * batch_groups
 
 V is the learner's version, K the staleness cap from the controller. The learner writes the capacity next
-to its Control message (``ControlPlane.write_control``); actors call ``ControlPlane.try_admit`` before they
-start a group, which runs :data:`TRY_ADMIT_LUA` so that the compare and the increment are one step no
-matter how many actors race.
+to its Control message (``ControlPlane.write_control``).
+
+The ledger. Every admission is a *slot token* ``"<actor_id>:<16 hex digits>"``, drawn by the actor
+(``secrets``: a garbage writer cannot guess one). A slot goes through these states, each change one Lua
+script, so a process killed between any two of them leaks no slot and mints none:
+
+    (free) --admit--> held --deliver--> delivered --ack--> consumed
+                        |                   |
+                        |                   +--dead letter--> (free)
+                        +--cancel / give back / reclaim--> (free)
+
+* admitted -> held: :data:`ADMIT_LUA` (``ControlPlane.admit``): if produced < capacity, INCR ``produced``
+  and HSET ``<prefix>:held`` token -> actor id, in one step however many actors race.
+* held -> delivered: :data:`DELIVER_LUA` (``GroupWriter``'s sender thread, one call per entry): XADD the
+  group to ``<prefix>:traj`` with its ``slot`` field, HDEL the token from ``held``, and note the new stream
+  id in ``<prefix>:delivered`` (stream id -> token). A token that is no longer held (reclaimed after its
+  actor's lease lapsed, or an at-least-once retry writing the entry a second time) counts again: INCR
+  ``produced``.
+* held -> cancelled: :data:`CANCEL_LUA` (``ControlPlane.cancel``): an admitted group that never reaches the
+  writer. HDEL the token; DECR ``produced`` only if it was held (cancelling twice gives back once).
+* held -> given back: :data:`GIVE_BACK_LUA` (``ControlPlane.give_back``, an actor restarted under the same
+  id) and :data:`RECLAIM_LUA` (``ControlPlane.reclaim_expired``, the learner, for actors whose lease key
+  ``<prefix>:lease:<actor>`` expired): HDEL every such token, DECRBY ``produced``.
+* delivered -> consumed: :data:`ACK_LUA` (``GroupReader.ack``): XACK + XDEL, HDEL the stream id from
+  ``delivered``; the slot stays counted (the learner trained on it).
+* delivered -> free: :data:`DEAD_LETTER_LUA` (``GroupReader``, an invalid entry): DECR ``produced`` only if
+  HDEL ``delivered`` <stream id> == 1. Only the deliver script writes ``delivered``, so garbage XADDed
+  straight into the stream (no slot, or a forged or copied one) is dead-lettered without moving capacity,
+  and an admitted entry gives its slot back once.
+
+The invariant, kept by every script (and so at every instant, whatever process dies when):
+
+    produced == HLEN held + admitted entries written and not dead-lettered
+
+so with no reader (tests), ``produced == XLEN traj + HLEN held``; once an actor's held slots are given
+back or reclaimed, the capacity left is exactly capacity - what was written.
 """
 
 from __future__ import annotations
@@ -29,78 +62,133 @@ def admission_capacity(version: int, max_staleness: int, batch_groups: int) -> i
     return (max_staleness + version + 1) * batch_groups
 
 
-# KEYS[1] control hash, KEYS[2] produced counter.
-# Returns 1 admitted (counter incremented), 0 at capacity, -1 no control written yet (not admitted).
-TRY_ADMIT_LUA = """
+# Lua helper shared by the scripts below: give_back(counter, n) decrements the counter by n, never below 0
+# (a give-back without an admit must not mint capacity), and returns what it gave back.
+_GIVE_BACK_FN = """
+local function give_back(counter, n)
+  local produced = tonumber(redis.call('GET', counter) or '0')
+  local give = math.min(n, produced)
+  if give > 0 then redis.call('DECRBY', counter, give) end
+  return math.max(give, 0)
+end
+"""
+
+# admitted -> held. KEYS[1] control hash, KEYS[2] produced counter, KEYS[3] held hash;
+# ARGV[1] slot token (drawn by the caller), ARGV[2] actor id.
+# Returns 1 admitted (produced incremented, token held), 0 at capacity, -1 no control written yet (not
+# admitted). A token already held returns 1 without counting again: a retry after a lost reply is harmless.
+ADMIT_LUA = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 1 end
 local cap = redis.call('HGET', KEYS[1], 'capacity')
 if not cap then return -1 end
 local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
 if produced < tonumber(cap) then
   redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
   return 1
 end
 return 0
 """
 
-# KEYS[1] produced counter. Decrement, never below 0 (a release without an admit must not mint capacity).
-RELEASE_LUA = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 0 then return redis.call('DECR', KEYS[1]) end
+# held -> delivered. KEYS[1] stream, KEYS[2] held hash, KEYS[3] produced counter, KEYS[4] delivered hash;
+# ARGV[1] encoded group, ARGV[2] slot token. Returns the new entry's id.
+# XADD the entry (fields data, slot), settle the slot (HDEL held); a token that was not held (reclaimed
+# meanwhile, or this is a retry writing the entry again) is counted anew (INCR produced), so that
+# produced == held + written holds. The id is noted in delivered so that a dead letter can give it back.
+DELIVER_LUA = """
+local id = redis.call('XADD', KEYS[1], '*', 'data', ARGV[1], 'slot', ARGV[2])
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then redis.call('INCR', KEYS[3]) end
+redis.call('HSET', KEYS[4], id, ARGV[2])
+return id
+"""
+
+# held -> cancelled. KEYS[1] held hash, KEYS[2] produced counter; ARGV[1] slot token.
+# Returns 1 if the token was held (and its slot given back), 0 otherwise (unknown or already settled: the
+# slot was delivered, cancelled, given back or reclaimed before; nothing is minted).
+CANCEL_LUA = _GIVE_BACK_FN + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  give_back(KEYS[2], 1)
+  return 1
+end
 return 0
 """
 
-# KEYS[1] stream, KEYS[2] consumed counter; ARGV[1] group, ARGV[2..] entry ids (at most ACK_CHUNK).
-# XACK then XDEL the ids (stream memory stays bounded by what is unconsumed); counts only the ids this
-# call acked, so acking twice (e.g. a restarted learner re-acking its checkpoint's ids) counts once.
+# held -> given back (an actor restarted under the same id). KEYS[1] held hash, KEYS[2] produced counter;
+# ARGV[1] actor id. HDEL every token held by that actor and DECRBY produced by their number (never below 0).
+# Returns the slots given back.
+GIVE_BACK_LUA = _GIVE_BACK_FN + """
+local fields = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #fields, 2 do
+  if fields[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], fields[i])
+    n = n + 1
+  end
+end
+return give_back(KEYS[2], n)
+"""
+
+# KEYS[1] stream, KEYS[2] consumed counter, KEYS[3] delivered hash; ARGV[1] group, ARGV[2..] entry ids (at
+# most ACK_CHUNK). delivered -> consumed: XACK then XDEL the ids (stream memory stays bounded by what is
+# unconsumed) and HDEL them from delivered (so does that hash); counts only the ids this call acked, so
+# acking twice (e.g. a restarted learner re-acking its checkpoint's ids) counts once. The slots stay counted
+# in produced: the learner trained on them.
 ACK_LUA = """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+redis.call('HDEL', KEYS[3], unpack(ARGV, 2))
 if acked > 0 then redis.call('INCRBY', KEYS[2], acked) end
 return acked
 """
 # Lua's unpack() is bounded by its C stack (about 8,000 values): larger acks go in chunks.
 ACK_CHUNK = 1000
 
-# KEYS[1] stream, KEYS[2] dead stream, KEYS[3] dead counter, KEYS[4] produced counter;
-# ARGV[1] group, ARGV[2] entry id, ARGV[3] reason, ARGV[4] raw data, ARGV[5] dead stream cap.
+# KEYS[1] stream, KEYS[2] dead stream, KEYS[3] dead counter, KEYS[4] produced counter, KEYS[5] delivered
+# hash; ARGV[1] group, ARGV[2] entry id, ARGV[3] reason, ARGV[4] raw data, ARGV[5] dead stream cap.
 # Moves one entry to the dead-letter stream. Only the call that acks it records it, so an entry seen by
-# two consumers is dead-lettered once. The rejected group also gives back its admission slot: it will
-# never be trained on, and otherwise garbage would eat the capacity the learner needs to advance.
-DEAD_LETTER_LUA = """
+# two consumers is dead-lettered once. An admitted entry (its id noted in delivered by DELIVER_LUA) also
+# gives back its admission slot: it will never be trained on, and otherwise it would eat the capacity the
+# learner needs to advance. Garbage written straight into the stream never was in delivered, whatever its
+# slot field says, so it moves no capacity; and HDEL == 1 happens once per entry, so no slot comes back twice.
+DEAD_LETTER_LUA = _GIVE_BACK_FN + """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+local admitted = redis.call('HDEL', KEYS[5], ARGV[2])
+if admitted == 1 then give_back(KEYS[4], 1) end
 if acked == 0 then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'reason', ARGV[3], 'source_id', ARGV[2], 'data', ARGV[4])
 redis.call('INCR', KEYS[3])
-local n = tonumber(redis.call('GET', KEYS[4]) or '0')
-if n > 0 then redis.call('DECR', KEYS[4]) end
 return 1
 """
 
-# KEYS[1] control hash, KEYS[2] produced counter; ARGV[1] lease key prefix ("<prefix>:lease:").
-# For every field held:<actor> of the control hash whose lease key <prefix>:lease:<actor> is gone: give its
-# admitted-but-undelivered slots back (DECRBY produced, never below 0) and delete the field. Returns a flat
-# list actor, slots, actor, slots ... of what was given back. Lease keys are built here from ARGV, so this
-# script needs a single Redis node (no cluster), like the rest of dcrl.
-RECLAIM_LUA = """
-local out = {}
+# held -> given back (the learner, for dead actors). KEYS[1] held hash, KEYS[2] produced counter; ARGV[1]
+# lease key prefix ("<prefix>:lease:"). For every token of the held hash whose actor's lease key
+# <prefix>:lease:<actor> is gone: HDEL it and give its slot back (DECRBY produced, never below 0). Returns a
+# flat list actor, slots, actor, slots ... of what was given back, actors in the order first met. Lease keys
+# are built here from ARGV, so this script needs a single Redis node (no cluster), like the rest of dcrl.
+RECLAIM_LUA = _GIVE_BACK_FN + """
 local fields = redis.call('HGETALL', KEYS[1])
+local alive = {}
+local counts = {}
+local order = {}
 for i = 1, #fields, 2 do
-  local f = fields[i]
-  if string.sub(f, 1, 5) == 'held:' then
-    local actor = string.sub(f, 6)
-    if redis.call('EXISTS', ARGV[1] .. actor) == 0 then
-      local n = tonumber(fields[i + 1]) or 0
-      if n > 0 then
-        local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
-        local give = math.min(n, produced)
-        if give > 0 then redis.call('DECRBY', KEYS[2], give) end
-        table.insert(out, actor)
-        table.insert(out, give)
-      end
-      redis.call('HDEL', KEYS[1], f)
-    end
+  local actor = fields[i + 1]
+  if alive[actor] == nil then
+    alive[actor] = redis.call('EXISTS', ARGV[1] .. actor) == 1
   end
+  if not alive[actor] then
+    redis.call('HDEL', KEYS[1], fields[i])
+    if counts[actor] == nil then
+      counts[actor] = 0
+      table.insert(order, actor)
+    end
+    counts[actor] = counts[actor] + 1
+  end
+end
+local out = {}
+for _, actor in ipairs(order) do
+  table.insert(out, actor)
+  table.insert(out, give_back(KEYS[2], counts[actor]))
 end
 return out
 """

@@ -1,20 +1,38 @@
-"""The control plane in Redis: the learner's Control and latest WeightsReady, and the admission counters.
+"""The control plane in Redis: the learner's Control and latest WeightsReady, and the admission ledger.
 
 Learner:  write_control(Control) after every step; set_weights(WeightsReady) after every publish;
-          reset() once at the start of a fresh (not resumed) run.
-Actors:   loop { c = read_control(); if c.stop: drain; if try_admit(): run a group, send it
-          (or release() if it was cancelled) }; latest_weights() when joining late; keep_lease() every
-          few seconds (from a thread of its own) while they may hold admitted slots.
-Learner:  reclaim_expired() while it waits for data: the slots of an actor whose lease expired come back.
-Tools:    counters() for ``python -m buffer stats``.
+          reset() once at the start of a fresh (not resumed) run; reclaim_expired() while it waits for data.
+Actors:   give_back(actor_id) once at start (slots a predecessor under the same id held when it died);
+          loop { c = read_control(); if c.stop: drain; slot = admit(actor_id); if slot: run a group, then
+          writer.send(group, slot) (or cancel(slot) if the group never reaches the writer) };
+          latest_weights() when joining late; keep_lease() every few seconds (from a thread of its own)
+          while they may hold admitted slots.
+Tools:    counters() and held() for ``python -m buffer stats`` and tests.
+
+The ledger (see :mod:`buffer.admission` for the scripts): an admission is a slot token, and every change of
+its state is one atomic Lua script, so that a process killed between any two steps leaks no slot and
+mints none:
+
+    admitted -> held         admit()            ADMIT_LUA      INCR produced, HSET held token actor
+    held -> delivered        GroupWriter.send   DELIVER_LUA    XADD traj {data, slot}, HDEL held token
+                                                               (INCR produced if it was not held)
+    held -> cancelled        cancel(slot)       CANCEL_LUA     HDEL held token, DECR produced if it was held
+    held -> given back       give_back(actor)   GIVE_BACK_LUA  HDEL the actor's tokens, DECRBY produced
+                             reclaim_expired()  RECLAIM_LUA    same, for actors whose lease key expired
+    delivered -> dead        GroupReader        DEAD_LETTER_LUA  DECR produced once per admitted entry
+
+Invariant: ``produced == held() + admitted entries written and not dead-lettered``; with no reader,
+``produced == XLEN traj + held()``.
 """
 
 from __future__ import annotations
 
+import secrets
+
 from configs.schema import RedisConfig
 from protocol import Control, WeightsReady, decode, encode
 
-from buffer.admission import RECLAIM_LUA, RELEASE_LUA, TRY_ADMIT_LUA, admission_capacity
+from buffer.admission import ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity
 from buffer.connection import Retrier, connect
 from buffer.keys import Keys
 
@@ -33,8 +51,9 @@ class ControlPlane:
         self.keys = Keys(cfg.prefix)
         self.client = connect(cfg, who)
         self._retry = Retrier(cfg, who, give_up_s=cfg.max_outage_s)
-        self._try_admit = self.client.register_script(TRY_ADMIT_LUA)
-        self._release = self.client.register_script(RELEASE_LUA)
+        self._admit = self.client.register_script(ADMIT_LUA)
+        self._cancel = self.client.register_script(CANCEL_LUA)
+        self._give_back = self.client.register_script(GIVE_BACK_LUA)
         self._reclaim = self.client.register_script(RECLAIM_LUA)
 
     def read_control(self) -> Control | None:
@@ -43,7 +62,7 @@ class ControlPlane:
         return None if raw is None else decode(raw, Control)
 
     def write_control(self, c: Control) -> None:
-        """Store ``c`` and its admission capacity in one HSET, so try_admit never sees one without the other."""
+        """Store ``c`` and its admission capacity in one HSET, so admit never sees one without the other."""
         self._retry.call(self.client.hset, self.keys.control,
                          mapping={"control": encode(c), "capacity": control_capacity(c)})
 
@@ -55,13 +74,33 @@ class ControlPlane:
         raw = self._retry.call(self.client.hget, self.keys.control, "weights")
         return None if raw is None else decode(raw, WeightsReady)
 
-    def try_admit(self) -> bool:
-        """Atomically: if produced < capacity then INCR produced and return True. False before any control."""
-        return self._retry.call(self._try_admit, keys=[self.keys.control, self.keys.produced]) == 1
+    def admit(self, actor_id: str) -> str | None:
+        """Atomically: if produced < capacity, INCR produced and hold a new slot token for ``actor_id``; returns
+        the token (pass it to ``GroupWriter.send`` or ``cancel``), or None at capacity or before any control.
 
-    def release(self) -> None:
-        """Give back one admission (a group admitted, then cancelled and never sent). Never below 0."""
-        self._retry.call(self._release, keys=[self.keys.produced])
+        The token ``"<actor_id>:<16 hex digits>"`` is drawn here (``secrets``), so no other writer can guess
+        it; a retry of the same call after a lost reply finds it held and counts it once."""
+        slot = f"{actor_id}:{secrets.token_hex(8)}"
+        ok = self._retry.call(self._admit, keys=[self.keys.control, self.keys.produced, self.keys.held],
+                              args=[slot, actor_id])
+        return slot if ok == 1 else None
+
+    def cancel(self, slot: str) -> bool:
+        """Give back the admission ``slot`` of a group that will never reach the writer. True if it was held;
+        False (nothing given back) if it is unknown or already settled (delivered, cancelled, reclaimed)."""
+        return self._retry.call(self._cancel, keys=[self.keys.held, self.keys.produced], args=[slot]) == 1
+
+    def give_back(self, actor_id: str) -> int:
+        """Give back every slot ``actor_id`` holds (admitted, never delivered or cancelled): an actor restarting
+        under the id of a dead predecessor calls it before it admits anything. Returns the slots given back."""
+        return int(self._retry.call(self._give_back, keys=[self.keys.held, self.keys.produced], args=[actor_id]))
+
+    def held(self, actor_id: str | None = None) -> int:
+        """Admitted slots not yet delivered nor given back: all of them, or those of ``actor_id``."""
+        if actor_id is None:
+            return int(self._retry.call(self.client.hlen, self.keys.held))
+        owner = actor_id.encode()
+        return sum(v == owner for v in self._retry.call(self.client.hvals, self.keys.held))
 
     def keep_lease(self, actor_id: str, lease_s: float) -> None:
         """Renew ``actor_id``'s liveness lease for ``lease_s`` seconds (actors, every ``lease_s / 3``)."""
@@ -71,33 +110,36 @@ class ControlPlane:
         self._retry.call(self.client.delete, self.keys.lease(actor_id))
 
     def reclaim_expired(self) -> list[tuple[str, int]]:
-        """Give back the admission slots of actors whose lease expired (dead without a restart under the
-        same id); returns (actor_id, slots given back) per such actor (learner, while it waits for data)."""
-        flat = self._retry.call(self._reclaim, keys=[self.keys.control, self.keys.produced],
+        """Give back the held slots of actors whose lease expired (dead without a restart under the same id);
+        returns (actor_id, slots given back) per such actor (learner, while it waits for data)."""
+        flat = self._retry.call(self._reclaim, keys=[self.keys.held, self.keys.produced],
                                 args=[self.keys.lease("")])
         return [(flat[i].decode(errors="replace"), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def counters(self) -> dict:
-        """``{"produced", "consumed", "dead", "capacity"}`` as ints (0 when absent; capacity -1 before control)."""
+        """``{"produced", "consumed", "dead", "held", "capacity"}`` as ints (0 when absent; capacity -1 before
+        control). ``held``: admitted slots not yet delivered nor given back."""
         def read() -> list:
             # A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed.
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.keys.produced)
             pipe.get(self.keys.consumed)
             pipe.get(self.keys.dead_count)
+            pipe.hlen(self.keys.held)
             pipe.hget(self.keys.control, "capacity")
             return pipe.execute()
 
-        produced, consumed, dead, cap = self._retry.call(read)
+        produced, consumed, dead, held, cap = self._retry.call(read)
         return {
             "produced": int(produced or 0),
             "consumed": int(consumed or 0),
             "dead": int(dead or 0),
+            "held": int(held or 0),
             "capacity": -1 if cap is None else int(cap),
         }
 
     def reset(self) -> None:
-        """Delete this prefix's streams (and so the consumer group), counters and control: a fresh run."""
+        """Delete this prefix's streams (and so the consumer group), counters, ledger and control: a fresh run."""
         self._retry.call(self.client.delete, *self.keys.all())
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ Delivery is at least once. ``receive`` returns, in this order:
 
 Every entry is validated with ``protocol.decode_group`` (vocab size, current version). An invalid one
 is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
-returned; a valid one is never dropped, except a poison one:
+returned; if it was written with an admission slot (``<prefix>:delivered``), that slot is given back, once;
+garbage written straight into the stream moves no capacity. A valid one is never dropped, except a poison one:
 
 Redis counts the deliveries of each pending entry (XPENDING's times-delivered: 1 for XREADGROUP ``>``,
 +1 for each re-read of the consumer's own pending entries and each XCLAIM). An entry that comes back
@@ -113,7 +114,7 @@ class GroupReader:
         Call after the step (or checkpoint) that used them. Returns how many were newly acked."""
         acked = 0
         for i in range(0, len(ids), ACK_CHUNK):
-            acked += self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed],
+            acked += self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed, self.keys.delivered],
                                       args=[self.cfg.consumer_group, *ids[i:i + ACK_CHUNK]])
         self._held.difference_update(ids)
         return int(acked)
@@ -255,7 +256,7 @@ class GroupReader:
     def _send_to_dead(self, sid: str, reason: str, data: bytes) -> None:
         moved = self._retry.call(
             self._dead_letter,
-            keys=[self.keys.traj, self.keys.dead, self.keys.dead_count, self.keys.produced],
+            keys=[self.keys.traj, self.keys.dead, self.keys.dead_count, self.keys.produced, self.keys.delivered],
             args=[self.cfg.consumer_group, sid, reason, data, self.cfg.dead_maxlen])
         if moved:
             self.dead += 1

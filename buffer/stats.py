@@ -26,14 +26,16 @@ def dead_letters(client: redis.Redis, cfg: RedisConfig, n: int) -> list[dict]:
 
 
 def collect_stats(client: redis.Redis, cfg: RedisConfig, n_dead: int = 5) -> dict:
-    """Stream length, consumer group and per-consumer pending counts, dead letters, counters, control."""
+    """Stream length, consumer group and per-consumer pending counts, dead letters, counters (``held``: admitted
+    slots not yet delivered), control."""
     keys = Keys(cfg.prefix)
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.traj)
     pipe.xlen(keys.dead)
     pipe.mget(keys.produced, keys.consumed, keys.dead_count)
     pipe.hgetall(keys.control)
-    stream_len, dead_len, (produced, consumed, dead_count), control_hash = pipe.execute()
+    pipe.hlen(keys.held)
+    stream_len, dead_len, (produced, consumed, dead_count), control_hash, held = pipe.execute()
 
     group: dict | None = None
     consumers: list[dict] = []
@@ -73,6 +75,7 @@ def collect_stats(client: redis.Redis, cfg: RedisConfig, n_dead: int = 5) -> dic
         "dead_last": dead_letters(client, cfg, n_dead) if n_dead > 0 else [],
         "produced": _int(produced),
         "consumed": _int(consumed),
+        "held": _int(held),
         "capacity": capacity,
         "control": control,
         "weights": weights,
@@ -90,7 +93,8 @@ def format_stats(st: dict) -> str:
                      f"last delivered {g['last_delivered']}")
         for c in st["consumers"]:
             lines.append(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_s']:.1f} s")
-    lines.append(f"counters: produced {st['produced']}, consumed {st['consumed']}, dead {st['dead_count']}")
+    lines.append(f"counters: produced {st['produced']}, consumed {st['consumed']}, dead {st['dead_count']}, "
+                 f"held {st['held']} (admitted, not yet streamed)")
     c = st["control"]
     if c is None:
         lines.append("control: none yet (no learner has written it; actors admit nothing)")

@@ -3,17 +3,24 @@
 The actor loop drives it as::
 
     writer = GroupWriter(cfg.redis, actor_id)
+    control.give_back(actor_id)                  # slots a dead predecessor under this id still held
     while running:
-        if control.try_admit():
-            writer.send(run_group(...))      # returns at once; never raises on a Redis outage
-    writer.close()                           # flushes what is held, then stops the thread
+        if slot := control.admit(actor_id):
+            writer.send(run_group(...), slot)    # returns at once; never raises on a Redis outage
+            # (or control.cancel(slot) if the group is abandoned before it reaches send)
+    writer.close()                               # flushes what is held, then stops the thread
+
+An entry sent with its admission ``slot`` is written by :data:`buffer.admission.DELIVER_LUA`, one atomic
+script per entry: the XADD (fields ``data`` and ``slot``) and the settling of the slot (out of
+``<prefix>:held``) cannot be separated by a crash, so the ledger's invariant ``produced == written + held``
+holds whenever the actor dies. Without a slot (benchmarks, tools) it is a plain XADD of ``data``.
 
 During an outage the sender keeps retrying with backoff (forever) and send() keeps accepting groups
 into memory; once ``redis.max_held_groups`` are held, send() blocks (one log line) until Redis takes
 them again, so nothing is dropped and the actor stops producing instead of growing without bound.
 
 Delivery is at least once: if a connection drops in the middle of a pipelined batch, the retry may
-write some of that batch a second time.
+write some of that batch a second time (the deliver script then counts the duplicate's slot again).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import redis
 from configs.schema import RedisConfig
 from protocol import TrajectoryGroup, encode
 
+from buffer.admission import DELIVER_LUA
 from buffer.connection import Retrier, connect
 from buffer.keys import Keys
 
@@ -38,13 +46,17 @@ MAX_BATCH_GROUPS = 64
 MAX_BATCH_BYTES = 32 << 20
 
 
-def take_batch(queue: deque[bytes], max_groups: int, max_bytes: int) -> list[bytes]:
-    """Pop from the left of ``queue`` up to ``max_groups`` payloads totalling at most ``max_bytes``
+# A queued group: its encoded bytes and its admission slot token (None: no slot).
+Item = tuple[bytes, str | None]
+
+
+def take_batch(queue: deque[Item], max_groups: int, max_bytes: int) -> list[Item]:
+    """Pop from the left of ``queue`` up to ``max_groups`` items whose payloads total at most ``max_bytes``
     (always at least one, however large)."""
-    batch: list[bytes] = []
+    batch: list[Item] = []
     size = 0
-    while queue and len(batch) < max_groups and (not batch or size + len(queue[0]) <= max_bytes):
-        size += len(queue[0])
+    while queue and len(batch) < max_groups and (not batch or size + len(queue[0][0]) <= max_bytes):
+        size += len(queue[0][0])
         batch.append(queue.popleft())
     return batch
 
@@ -60,7 +72,9 @@ class GroupWriter:
         self._stop = threading.Event()
         self._retry = Retrier(cfg, f"writer {actor_id}", give_up_s=None, stop=self._stop)
         self._cond = threading.Condition()
-        self._queue: deque[bytes] = deque()  # encoded groups not yet handed to Redis
+        self._deliver = self.client.register_script(DELIVER_LUA)
+        self._deliver_keys = [self.keys.traj, self.keys.held, self.keys.produced, self.keys.delivered]
+        self._queue: deque[Item] = deque()  # (encoded group, slot) not yet handed to Redis
         self._inflight = 0  # groups in the batch being written right now
         self._error: BaseException | None = None
         self._closed = False
@@ -75,8 +89,9 @@ class GroupWriter:
         with self._cond:
             return len(self._queue) + self._inflight
 
-    def send(self, group: TrajectoryGroup) -> None:
-        """Queue ``group`` for Redis. Blocks only while ``redis.max_held_groups`` groups are already held."""
+    def send(self, group: TrajectoryGroup, slot: str | None = None) -> None:
+        """Queue ``group`` for Redis, with the admission ``slot`` it was admitted under (``ControlPlane.admit``;
+        the write settles it) or None. Blocks only while ``redis.max_held_groups`` groups are already held."""
         data = encode(group)
         with self._cond:
             self._raise_if_failed()
@@ -90,7 +105,7 @@ class GroupWriter:
                     self._cond.wait()
                     self._raise_if_failed()
                 log.info("writer %s: redis accepts groups again after %.1f s", self.actor_id, time.monotonic() - t0)
-            self._queue.append(data)
+            self._queue.append((data, slot))
             self._cond.notify_all()
 
     def flush(self, timeout_s: float = 30.0) -> int:
@@ -132,11 +147,16 @@ class GroupWriter:
         if self._error is not None:
             raise RuntimeError(f"writer {self.actor_id}: sender thread failed: {self._error}") from self._error
 
-    def _xadd_batch(self, batch: list[bytes]) -> None:
-        # A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed.
+    def _xadd_batch(self, batch: list[Item]) -> None:
+        # A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed. Each entry is one
+        # command (XADD, or one EVALSHA of the deliver script, atomic on its own); redis-py loads the script
+        # first if the server lacks it (a restarted Redis).
         pipe = self.client.pipeline(transaction=False)
-        for data in batch:
-            pipe.xadd(self.keys.traj, {"data": data})
+        for data, slot in batch:
+            if slot is None:
+                pipe.xadd(self.keys.traj, {"data": data})
+            else:
+                self._deliver(keys=self._deliver_keys, args=[data, slot], client=pipe)
         pipe.execute()
 
     def _run(self) -> None:
@@ -162,5 +182,5 @@ class GroupWriter:
             with self._cond:
                 self._inflight = 0
                 self.sent += len(batch)
-                self.sent_bytes += sum(len(d) for d in batch)
+                self.sent_bytes += sum(len(d) for d, _ in batch)
                 self._cond.notify_all()

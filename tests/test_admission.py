@@ -1,4 +1,4 @@
-"""Admission control: the capacity rule, and try_admit/release against a real Redis under concurrency."""
+"""Admission control: the capacity rule, and admit/cancel/reclaim against a real Redis under concurrency."""
 
 from __future__ import annotations
 
@@ -39,70 +39,75 @@ def _plane(url: str) -> ControlPlane:
     return ControlPlane(RedisConfig(url=url, connect_timeout_s=5.0))
 
 
-def test_try_admit_without_control_admits_nothing(redis_url):
+def test_admit_without_control_admits_nothing(redis_url):
     plane = _plane(redis_url)
-    assert plane.try_admit() is False
-    assert plane.counters()["produced"] == 0
+    assert plane.admit("actor-0") is None
+    assert plane.counters()["produced"] == 0 and plane.held() == 0
 
 
 @pytest.mark.parametrize("version, k, batch", [(0, 0, 1), (0, 2, 4), (3, 1, 2)])
-def test_try_admit_stops_exactly_at_admission_capacity(redis_url, version, k, batch):
+def test_admit_stops_exactly_at_admission_capacity(redis_url, version, k, batch):
     plane = _plane(redis_url)
     plane.write_control(Control(version=version, max_staleness=k, batch_groups=batch))
     admitted = 0
-    while plane.try_admit():
+    while plane.admit("actor-0"):
         admitted += 1
         assert admitted <= 1000
     assert admitted == admission_capacity(version, k, batch)
     # the learner takes a step: exactly one more batch is admitted
     plane.write_control(Control(version=version + 1, max_staleness=k, batch_groups=batch))
     more = 0
-    while plane.try_admit():
+    while plane.admit("actor-0"):
         more += 1
     assert more == batch
     assert plane.counters()["produced"] == admission_capacity(version + 1, k, batch)
+    assert plane.held("actor-0") == plane.held() == admission_capacity(version + 1, k, batch)
 
 
-def test_try_admit_concurrent_callers_never_exceed_capacity(redis_url):
+def test_admit_concurrent_callers_never_exceed_capacity(redis_url):
     capacity = admission_capacity(3, 2, 4)
     _plane(redis_url).write_control(Control(version=3, max_staleness=2, batch_groups=4))
     planes = [_plane(redis_url) for _ in range(8)]
-    results: list[int] = []
+    results: list[list[str]] = []
     lock = threading.Lock()
     start = threading.Barrier(len(planes))
 
-    def actor(plane: ControlPlane) -> None:
+    def actor(i: int, plane: ControlPlane) -> None:
         start.wait()
-        mine = sum(plane.try_admit() for _ in range(15))
+        mine = [slot for _ in range(15) if (slot := plane.admit(f"actor-{i}")) is not None]
         with lock:
             results.append(mine)
 
-    threads = [threading.Thread(target=actor, args=(p,)) for p in planes]
+    threads = [threading.Thread(target=actor, args=(i, p)) for i, p in enumerate(planes)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     assert len(results) == 8
-    assert sum(results) == capacity  # 120 attempts, exactly capacity admitted
-    assert planes[0].counters()["produced"] == capacity
+    slots = [s for mine in results for s in mine]
+    assert len(slots) == len(set(slots)) == capacity  # 120 attempts, exactly capacity admitted, distinct tokens
+    assert planes[0].counters()["produced"] == capacity == planes[0].held()
 
 
-def test_release_gives_back_one_slot_and_never_goes_below_zero(redis_url):
+def test_cancel_gives_back_one_slot_and_never_goes_below_zero(redis_url):
     plane = _plane(redis_url)
     plane.write_control(Control(version=0, max_staleness=0, batch_groups=2))
-    assert plane.try_admit() and plane.try_admit() and not plane.try_admit()
-    plane.release()
+    a, b = plane.admit("actor-0"), plane.admit("actor-0")
+    assert a and b and a != b and plane.admit("actor-0") is None
+    assert plane.cancel(a) is True
     assert plane.counters()["produced"] == 1
-    assert plane.try_admit() and not plane.try_admit()
-    for _ in range(5):
-        plane.release()
-    assert plane.counters()["produced"] == 0
+    c = plane.admit("actor-0")
+    assert c and plane.admit("actor-0") is None
+    assert plane.cancel(b) and plane.cancel(c)
+    for slot in (a, b, c, "actor-0:forged", a):  # settled or unknown slots give back nothing
+        assert plane.cancel(slot) is False
+    assert plane.counters()["produced"] == 0 and plane.held() == 0
 
 
 def test_stop_control_admits_nothing(redis_url):
     plane = _plane(redis_url)
     plane.write_control(Control(version=7, max_staleness=4, batch_groups=8, stop=True))
-    assert plane.try_admit() is False
+    assert plane.admit("actor-0") is None
     assert plane.read_control().stop is True
 
 
@@ -122,31 +127,40 @@ def test_control_and_weights_round_trip_through_the_hash(redis_url):
 def test_reclaim_gives_back_the_slots_of_actors_whose_lease_expired(redis_url):
     import time
 
-    from actors.actor import LeaseKeeper
+    import numpy as np
+
+    from actors.io import LeaseKeeper
+    from buffer import GroupWriter
+    from buffer.synthetic import synthetic_group
 
     cp = _plane(redis_url)
     try:
         cp.reset()
         cp.write_control(Control(version=0, max_staleness=1, batch_groups=4))  # capacity 8
-        for _ in range(7):
-            assert cp.try_admit()
-        key = cp.keys.control
-        cp.client.hset(key, mapping={"held:dead": 3, "held:alive": 2, "held:done": 0, "held:odd": -1})
+        slots = {actor: [cp.admit(actor) for _ in range(n)] for actor, n in (("dead", 3), ("alive", 2), ("done", 2))}
+        assert all(all(s) for s in slots.values()) and cp.counters()["produced"] == 7
+        writer = GroupWriter(cp.cfg, "done")  # "done" delivered both its groups: it holds no slot
+        rng = np.random.default_rng(0)
+        for i, slot in enumerate(slots["done"]):
+            writer.send(synthetic_group(rng, f"done{i}", n_traj=2, n_tokens=16), slot)
+        assert writer.close() == 0
         alive = LeaseKeeper(cp, "alive", lease_s=0.3)  # renewed every 0.1 s: outlives the expiry below
         cp.keep_lease("dead", 0.05)
+        cp.keep_lease("done", 0.05)
         time.sleep(0.4)
         assert cp.client.pttl(cp.keys.lease("alive")) > 0 and not cp.client.exists(cp.keys.lease("dead"))
-        assert cp.reclaim_expired() == [("dead", 3)]
+        assert cp.reclaim_expired() == [("dead", 3)]  # a lapsed actor without held slots is not reported
         assert cp.counters()["produced"] == 4
-        held = {k.decode()[5:]: int(v) for k, v in cp.client.hgetall(key).items() if k.startswith(b"held:")}
-        assert held == {"alive": 2}  # lapsed entries without slots are cleared too
+        assert (cp.held("alive"), cp.held("dead"), cp.held("done"), cp.held()) == (2, 0, 0, 2)
         assert cp.reclaim_expired() == []  # idempotent
         alive.stop()  # a clean exit drops the lease at once: its slots (none by then) are free to reclaim
         assert not cp.client.exists(cp.keys.lease("alive"))
         assert cp.reclaim_expired() == [("alive", 2)] and cp.counters()["produced"] == 2
+        assert cp.client.xlen(cp.keys.traj) == 2 and cp.held() == 0  # produced == written + held
         # Never below zero: a lease lapsed on more slots than are counted gives back what is there.
-        cp.client.hset(key, "held:ghost", 5)
+        cp.client.hset(cp.keys.held, mapping={f"ghost:{i}": "ghost" for i in range(5)})
         assert cp.reclaim_expired() == [("ghost", 2)] and cp.counters()["produced"] == 0
+        assert cp.held() == 0
     finally:
         cp.reset()
         cp.close()

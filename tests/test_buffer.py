@@ -329,31 +329,42 @@ def test_garbage_goes_to_dead_letters_and_valid_entries_arrive_exactly_once(redi
     assert {kind_of[f[b"source_id"].decode()] for _, f in dead} == set(kinds)
 
 
-def test_dead_letter_gives_back_the_admission_slot(redis_url):
+def test_dead_letter_gives_back_the_admission_slot_of_admitted_entries_only(redis_url):
     cfg = fast_cfg(redis_url)
     control = ControlPlane(cfg)
     control.write_control(Control(version=0, max_staleness=0, batch_groups=2))
-    assert control.try_admit() and control.try_admit() and not control.try_admit()
-    xadd_all(cfg, [{"data": b"\x00garbage"}])
+    a, b = control.admit("actor-0"), control.admit("actor-0")
+    assert a and b and not control.admit("actor-0")
+    # Garbage written straight into the stream, without a slot or with one copied from a live admission:
+    # dead-lettered without moving capacity.
+    xadd_all(cfg, [{"data": b"\x00garbage"}, {"data": b"\x00garbage", "slot": b}])
     reader = GroupReader(cfg, "learner-0")
     assert reader.receive(4, block_ms=50) == []
-    assert control.counters() == {"produced": 1, "consumed": 0, "dead": 1, "capacity": 2}
-    assert control.try_admit()
+    assert control.counters() == {"produced": 2, "consumed": 0, "dead": 2, "held": 2, "capacity": 2}
+    # An admitted group the learner rejects (from a future version) gives its slot back.
+    writer = GroupWriter(cfg, "actor-0")
+    writer.send(groups(1, version=3)[0], a)
+    assert writer.close() == 0
+    assert reader.receive(4, block_ms=200, current_version=0) == []
+    assert control.counters() == {"produced": 1, "consumed": 0, "dead": 3, "held": 1, "capacity": 2}
+    assert control.admit("actor-0") and not control.admit("actor-0")
 
 
 def test_reset_deletes_stream_counters_and_control_and_reader_recovers(redis_url):
     cfg = fast_cfg(redis_url)
     control = ControlPlane(cfg)
     control.write_control(Control(version=2, max_staleness=1, batch_groups=1))
-    assert control.try_admit()
+    slot = control.admit("actor-0")
+    assert slot and control.admit("actor-0")  # one delivered, one still held at the reset
     reader = GroupReader(cfg, "learner-0")
     writer = GroupWriter(cfg, "actor-0")
-    writer.send(groups(1)[0])
+    writer.send(groups(1)[0], slot)
     writer.flush()
     assert len(drain(reader, 1)) == 1
     control.reset()
     assert control.read_control() is None
-    assert control.counters() == {"produced": 0, "consumed": 0, "dead": 0, "capacity": -1}
+    assert control.counters() == {"produced": 0, "consumed": 0, "dead": 0, "held": 0, "capacity": -1}
+    assert not reader.client.exists(f"{cfg.prefix}:held", f"{cfg.prefix}:delivered")
     writer.send(groups(1, prefix="new")[0])
     writer.close()
     assert [e.group.group_id for e in drain(reader, 1)] == ["new0"]  # group recreated after the reset

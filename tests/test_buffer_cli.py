@@ -47,7 +47,7 @@ def _populate(url: str) -> RedisConfig:
     plane = ControlPlane(cfg)
     plane.write_control(Control(version=3, max_staleness=2, lam=0.5, batch_groups=4))
     for _ in range(7):
-        assert plane.try_admit()
+        assert plane.admit("actor-1") is not None
     plane.close()
     return cfg
 
