@@ -2,7 +2,9 @@
 
 The training loop owns one :class:`MetricsLogger`::
 
-    logger = MetricsLogger(run_dir, cfg.learner, run_name=..., config=cfg.model_dump(), total_steps=N)
+    logger = MetricsLogger(run_dir, wandb_mode=lcfg.wandb_mode, wandb_project=lcfg.wandb_project,
+                           run_name=cfg.run.name, config=cfg.model_dump(), progress=lcfg.progress,
+                           total_steps=lcfg.steps, start_step=step)
     for each step:
         logger.log(row)            # one JSON line, one wandb point, one progress-bar tick
         ... checkpoint stores logger.offset() (bytes of metrics.jsonl that belong to it)

@@ -96,7 +96,7 @@ class Trajectory(msgspec.Struct, kw_only=True, frozen=True):
 class TrajectoryGroup(msgspec.Struct, kw_only=True, frozen=True):
     """G trajectories sharing one prompt or environment seed: the unit of GRPO advantage normalisation."""
 
-    group_id: str  # unique, written by the actor ("<actor_id>-<n>")
+    group_id: str  # unique, written by the actor ("<actor_id>-<session>-<n>", session: 6 hex digits per start)
     actor_id: str  # which actor process produced it
     engine: str  # inference engine tag, e.g. "vllm-cpu/bf16"
     env: str  # environment name (import path or built-in name)

@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server on a free loopback port, GPU detection for `gpu` tests."""
+"""Shared fixtures: a real redis-server on a free loopback port, the tiny model, GPU detection for `gpu` tests.
+
+Plain helpers (model loading, engine start, warm-start settings) live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from buffer.server import RedisServer, start_redis
+from helpers import FAST_TINY, RANDOM_TINY
 
 # Keep vLLM, torch and tokenizers polite on a shared 2-core machine.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,13 +36,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-# Fast warm start for tests: stop at 5% held-out accuracy (~100 steps, seconds on one core).
-FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
-# No warm start at all: random weights, for tests of the training machinery rather than of learning.
-RANDOM_TINY = ["model.tiny.warmstart_steps=0", "model.tiny.warmstart_eval_episodes=10"]
 
 
 @pytest.fixture(scope="session")
@@ -111,36 +107,3 @@ def loop():
     yield loop
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
-
-
-def load_model(path):
-    """The HF model at ``path`` in fp32, eval mode (the reference the engines' logprobs are checked against)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def perturbed_model(src_dir, scale: float, seed: int):
-    """The model at ``src_dir`` (fp32) plus N(0, scale^2) noise on every parameter: a stand-in for new
-    trained weights."""
-    import torch
-
-    model = load_model(src_dir)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def start_cpu_engine(loop, cfg, model_dir):
-    """An actors.engine.Engine on vLLM CPU (1 GB KV cache, one thread), its processes given vLLM's CPU
-    environment while this process keeps its own."""
-    from actors.engine import Engine
-    from actors.engine import vllm_cpu_env
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():
-            mp.setenv(k, v)
-        return loop.run_until_complete(Engine.start(cfg, model_dir))

@@ -20,7 +20,7 @@ from buffer.admission import admission_capacity
 from envs import GuessNumber, make_env
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import FAST_TINY, load_model, perturbed_model, start_cpu_engine
+from helpers import FAST_TINY, load_model, perturbed_model, start_cpu_engine
 from protocol.messages import Control, decode_group
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import FAST_TINY, perturbed_model
+from helpers import FAST_TINY, perturbed_model
 from protocol.messages import Control, WeightsReady, decode_group
 
 ROOT = Path(__file__).resolve().parents[1]

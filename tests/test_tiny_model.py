@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from configs.schema import load_config
-from conftest import FAST_TINY
+from helpers import FAST_TINY
 from tiny.tokenizer import CHARSET, build_tokenizer
 from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
 from tiny.build import STAMP_FILE, ensure_model, is_current, read_stamp

@@ -16,7 +16,7 @@ import zmq
 
 from buffer.server import free_port
 from configs.schema import load_config
-from conftest import FAST_TINY, load_model, perturbed_model, start_cpu_engine
+from helpers import FAST_TINY, load_model, perturbed_model, start_cpu_engine
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, WeightsReady, decode, encode
 from test_actor_engine import reference_logprobs
 
