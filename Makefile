@@ -1,5 +1,5 @@
 # dcrl: the two commands of the README. Both run the idempotent set-up first.
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +11,10 @@ run: setup
 ## test: the whole test suite (real redis-server, real vLLM on CPU)
 test: setup
 	@.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+## test-unit: the fast tier (no vLLM engine, no end-to-end process runs), about a minute
+test-unit: setup
+	@.venv/bin/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 bench: setup
 	@.venv/bin/python bench/buffer.py

@@ -10,6 +10,7 @@ Each Struct says who writes it and who reads it.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -192,6 +193,19 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
+_ENUM_ERROR = re.compile(r"^Invalid enum value (?P<value>.*) - at `\$\.(?P<path>[\w.\[\]]+)`$")
+
+
+def _readable(msg: str) -> str:
+    """msgspec's message for a value outside a ``Literal`` (protocol.vocab), said with the field's name first:
+    "transport 'ucx' is not an allowed value (at $.transport)"."""
+    m = _ENUM_ERROR.match(msg)
+    if m is None:
+        return msg
+    field = m.group("path").split(".")[-1].split("[")[0]
+    return f"{field} {m.group('value')} is not an allowed value (at $.{m.group('path')})"
+
+
 def decode(data: bytes, type_: type, **validate_kw: Any) -> Any:
     """Decode ``data`` as ``type_`` and validate it. Raises only ProtocolError.
 
@@ -204,7 +218,7 @@ def decode(data: bytes, type_: type, **validate_kw: Any) -> Any:
     try:
         msg = _decoders[type_].decode(data)
     except msgspec.DecodeError as e:  # covers ValidationError (a subclass)
-        raise ProtocolError(f"{type_.__name__}: {e}") from None
+        raise ProtocolError(f"{type_.__name__}: {_readable(str(e))}") from None
     except Exception as e:  # msgspec may raise others on pathological input; keep one error type
         raise ProtocolError(f"{type_.__name__}: undecodable ({type(e).__name__}: {e})") from None
     if type_ is TrajectoryGroup:

@@ -23,6 +23,8 @@ from configs.schema import load_config
 from helpers import FAST_TINY, load_model, perturbed_model, start_cpu_engine
 from protocol.messages import Control, decode_group
 
+pytestmark = pytest.mark.slow  # starts vLLM engines
+
 
 def actor_cfg(tiny_model_dir, *extra: str):
     return load_config("tiny", FAST_TINY + [

@@ -24,6 +24,8 @@ from configs.schema import load_config
 from helpers import FAST_TINY, perturbed_model
 from protocol.messages import Control, WeightsReady, decode_group
 
+pytestmark = pytest.mark.slow  # starts an actor process on vLLM
+
 ROOT = Path(__file__).resolve().parents[1]
 G = 4
 

@@ -11,11 +11,15 @@ their threads and memory reliably inside one process, and a crash stays containe
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # starts vLLM engines
 
 
 

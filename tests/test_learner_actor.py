@@ -19,6 +19,8 @@ from buffer.server import free_port
 from configs.schema import load_config
 from learner.metrics import REQUIRED_KEYS, read_metrics
 
+pytestmark = pytest.mark.slow  # starts learner and actor processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,6 +3,8 @@ and check that no buffer entry is lost or trained twice and that versions stay m
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -13,6 +15,8 @@ from pathlib import Path
 from buffer.server import free_port
 from learner.metrics import read_metrics
 from test_learner import TINY, data_model, make_groups, push, stream_state  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow  # starts learner processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ import redis
 
 from buffer.server import free_port
 
+pytestmark = pytest.mark.slow  # starts a Ray job
+
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough (synchronous, 4 groups of 8 per step) for the killed replica to restart (Ray worker + vLLM
 # start, 20-25 s here) and rejoin before the learner finishes, even when the other replica trains alone at

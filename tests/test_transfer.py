@@ -68,6 +68,7 @@ def sample_and_compare(loop, engine, model, old, tag: str, n: int = 6, length: i
     return match, cross
 
 
+@pytest.mark.slow
 def test_gloo_pull_serves_the_published_weights_without_files(loop, engine, publisher, tiny_model_dir, tmp_path):
     from actors.transfer import TransferClient
 
@@ -92,6 +93,7 @@ def test_gloo_pull_serves_the_published_weights_without_files(loop, engine, publ
     assert cross > 4 * match, f"the broadcast changed nothing measurable: {cross:.4f} vs {match:.4f}"
 
 
+@pytest.mark.slow
 def test_pull_gets_the_newest_snapshot_and_survives_actor_and_learner_restarts(loop, engine, publisher,
                                                                             tiny_model_dir, tmp_path):
     from actors.transfer import TransferClient
