@@ -91,21 +91,6 @@ def groups_in_flight_limit(concurrency: int, group_size: int) -> int:
     return math.ceil(concurrency / group_size) + 2
 
 
-def group_seed(base_seed: int, actor_id: str, session: str, n: int) -> int:
-    """Env seed of this actor's ``n``-th group: a 31-bit hash of (actor.seed, actor id, session, n), so
-    replicas and restarts of one replica (new ``session``) do not replay the same prompts."""
-    h = hashlib.blake2b(f"{base_seed}:{actor_id}:{session}:{n}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 33
-
-
-def groups_in_flight_limit(concurrency: int, group_size: int) -> int:
-    """Groups admitted at once: ceil(concurrency / G) + 2. The two extra groups wait on the episode
-    semaphore and fill slots as soon as episodes of the others end, so neither stragglers in one group
-    nor the Redis round trips of the next admission leave the engine short of requests (measured on
-    the tiny preset: 29 of 32 requests in flight on average with +2, 28.2 with +1; 30 for plain vLLM)."""
-    return math.ceil(concurrency / group_size) + 2
-
-
 # ---------------------------------------------------------------- the actor
 
 
