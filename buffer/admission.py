@@ -29,8 +29,10 @@ script, so a process killed between any two of them leaks no slot and mints none
   id) and :data:`RECLAIM_LUA` (``ControlPlane.reclaim_expired``, the learner, for actors whose lease key
   ``<prefix>:lease:<actor>`` expired): HDEL every such token, DECRBY ``produced``.
 * delivered -> consumed: :data:`ACK_LUA` (``GroupReader.ack``): XACK + XDEL, HDEL the stream id from
-  ``delivered``; the slot stays counted (the learner trained on it).
-* delivered -> free: :data:`DEAD_LETTER_LUA` (``GroupReader``, an invalid entry): DECR ``produced`` only if
+  ``delivered`` and INCR ``consumed_admitted`` for each id that HDEL removed; the slot stays counted in
+  ``produced`` (the learner trained on it). (``consumed`` counts every acked entry, slot or not.)
+* delivered -> free: :data:`DEAD_LETTER_LUA` (``GroupReader``: an invalid entry, a stale one, or one delivered
+  more than ``redis.max_deliveries`` times): DECR ``produced`` only if
   HDEL ``delivered`` <stream id> == 1. Only the deliver script writes ``delivered``, so garbage XADDed
   straight into the stream (no slot, or a forged or copied one) is dead-lettered without moving capacity,
   and an admitted entry gives its slot back once.
@@ -41,6 +43,19 @@ The invariant, kept by every script (and so at every instant, whatever process d
 
 so with no reader (tests), ``produced == XLEN traj + HLEN held``; once an actor's held slots are given
 back or reclaimed, the capacity left is exactly capacity - what was written.
+
+Split the admitted entries written and not dead-lettered into those acked (``consumed_admitted``) and those
+not yet acked (still in ``delivered``), and the invariant becomes an identity of four numbers Redis holds:
+
+    produced == consumed_admitted + queued + held        (queued = HLEN delivered, held = HLEN held)
+
+Every script keeps it: admit (produced +1, held +1), deliver (held -1 or produced +1; queued +1), cancel /
+give back / reclaim (held -n, produced -n), ack (queued -n, consumed_admitted +n, same ids: HDEL's count),
+dead letter (queued -1, produced -1, once per admitted entry), and a plain XADD or a garbage entry moves
+none of them. ``ControlPlane.counters`` (``reconciles``) and ``python -m buffer stats`` check it on one
+atomic snapshot (MULTI/EXEC); a MISMATCH means something wrote these keys outside the scripts.
+``consumed_admitted`` is a counter of its own because ``consumed`` also counts entries written without a
+slot (benchmarks, tools), which never held capacity.
 """
 
 from __future__ import annotations
@@ -60,6 +75,12 @@ def admission_capacity(version: int, max_staleness: int, batch_groups: int) -> i
         raise ValueError(f"admission_capacity: need version >= 0, max_staleness >= 0, batch_groups >= 1 "
                          f"(got {version}, {max_staleness}, {batch_groups})")
     return (max_staleness + version + 1) * batch_groups
+
+
+def ledger_reconciles(produced: int, consumed_admitted: int, queued: int, held: int) -> bool:
+    """The ledger's identity ``produced == consumed_admitted + queued + held`` (see the module docstring):
+    every admitted slot is acked, still in the stream (``queued``: HLEN delivered), or held by an actor."""
+    return produced == consumed_admitted + queued + held
 
 
 # Lua helper shared by the scripts below: give_back(counter, n) decrements the counter by n, never below 0
@@ -128,16 +149,19 @@ end
 return give_back(KEYS[2], n)
 """
 
-# KEYS[1] stream, KEYS[2] consumed counter, KEYS[3] delivered hash; ARGV[1] group, ARGV[2..] entry ids (at
-# most ACK_CHUNK). delivered -> consumed: XACK then XDEL the ids (stream memory stays bounded by what is
-# unconsumed) and HDEL them from delivered (so does that hash); counts only the ids this call acked, so
-# acking twice (e.g. a restarted learner re-acking its checkpoint's ids) counts once. The slots stay counted
-# in produced: the learner trained on them.
+# KEYS[1] stream, KEYS[2] consumed counter, KEYS[3] delivered hash, KEYS[4] consumed_admitted counter;
+# ARGV[1] group, ARGV[2..] entry ids (at most ACK_CHUNK). delivered -> consumed: XACK then XDEL the ids (stream
+# memory stays bounded by what is unconsumed) and HDEL them from delivered (so does that hash). ``consumed``
+# counts the ids this call acked (every entry, admitted or written without a slot by a tool or benchmark);
+# ``consumed_admitted`` counts the ids this call removed from delivered (admitted entries only: the number
+# that reconciles with the ledger). Either way acking twice (e.g. a restarted learner re-acking its
+# checkpoint's ids) counts once. The slots stay counted in produced: the learner trained on them.
 ACK_LUA = """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-redis.call('HDEL', KEYS[3], unpack(ARGV, 2))
+local settled = redis.call('HDEL', KEYS[3], unpack(ARGV, 2))
 if acked > 0 then redis.call('INCRBY', KEYS[2], acked) end
+if settled > 0 then redis.call('INCRBY', KEYS[4], settled) end
 return acked
 """
 # Lua's unpack() is bounded by its C stack (about 8,000 values): larger acks go in chunks.

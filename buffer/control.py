@@ -19,10 +19,12 @@ mints none:
     held -> cancelled        cancel(slot)       CANCEL_LUA     HDEL held token, DECR produced if it was held
     held -> given back       give_back(actor)   GIVE_BACK_LUA  HDEL the actor's tokens, DECRBY produced
                              reclaim_expired()  RECLAIM_LUA    same, for actors whose lease key expired
+    delivered -> consumed    GroupReader.ack    ACK_LUA        HDEL delivered ids, INCRBY consumed_admitted
     delivered -> dead        GroupReader        DEAD_LETTER_LUA  DECR produced once per admitted entry
 
 Invariant: ``produced == held() + admitted entries written and not dead-lettered``; with no reader,
-``produced == XLEN traj + held()``.
+``produced == XLEN traj + held()``. As an identity of counters (``counters()["reconciles"]``):
+``produced == consumed_admitted + queued + held``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import secrets
 from configs.schema import RedisConfig
 from protocol import Control, WeightsReady, decode, encode
 
-from buffer.admission import ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity
+from buffer.admission import (ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity,
+                              ledger_reconciles)
 from buffer.connection import Retrier, connect
 from buffer.keys import Keys
 
@@ -117,26 +120,40 @@ class ControlPlane:
         return [(flat[i].decode(errors="replace"), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def counters(self) -> dict:
-        """``{"produced", "consumed", "dead", "held", "capacity"}`` as ints (0 when absent; capacity -1 before
-        control). ``held``: admitted slots not yet delivered nor given back."""
+        """The run's counters as ints, read in one atomic snapshot (MULTI/EXEC, so no script runs between the
+        reads):
+
+        * ``produced``: admission slots in use; ``held``: admitted slots not yet delivered nor given back;
+        * ``queued``: admitted entries in the stream, not yet acked nor dead-lettered (HLEN delivered);
+        * ``consumed``: entries acked (with or without a slot); ``consumed_admitted``: admitted entries acked;
+        * ``dead``: entries dead-lettered; ``capacity``: -1 before the first control;
+        * ``reconciles``: the ledger's identity ``produced == consumed_admitted + queued + held`` (a bool).
+
+        Absent keys read 0."""
         def read() -> list:
             # A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed.
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=True)
             pipe.get(self.keys.produced)
             pipe.get(self.keys.consumed)
+            pipe.get(self.keys.consumed_admitted)
             pipe.get(self.keys.dead_count)
             pipe.hlen(self.keys.held)
+            pipe.hlen(self.keys.delivered)
             pipe.hget(self.keys.control, "capacity")
             return pipe.execute()
 
-        produced, consumed, dead, held, cap = self._retry.call(read)
-        return {
+        produced, consumed, consumed_admitted, dead, held, queued, cap = self._retry.call(read)
+        out = {
             "produced": int(produced or 0),
             "consumed": int(consumed or 0),
+            "consumed_admitted": int(consumed_admitted or 0),
+            "queued": int(queued or 0),
             "dead": int(dead or 0),
             "held": int(held or 0),
             "capacity": -1 if cap is None else int(cap),
         }
+        out["reconciles"] = ledger_reconciles(out["produced"], out["consumed_admitted"], out["queued"], out["held"])
+        return out
 
     def reset(self) -> None:
         """Delete this prefix's streams (and so the consumer group), counters, ledger and control: a fresh run."""

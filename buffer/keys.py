@@ -61,8 +61,16 @@ class Keys:
 
     @property
     def consumed(self) -> str:
-        """Counter of entries acked by learners (INCRBY in ACK_LUA); read by ``ControlPlane.counters``."""
+        """Counter of entries acked by learners, admitted or written without a slot (INCRBY in ACK_LUA); read by
+        ``ControlPlane.counters``."""
         return f"{self.prefix}:consumed"
+
+    @property
+    def consumed_admitted(self) -> str:
+        """Counter of admitted entries acked by learners: INCRBY in ACK_LUA by the number of acked ids its HDEL
+        removed from ``delivered``. The ledger's identity ``produced == consumed_admitted + HLEN delivered +
+        HLEN held`` (:mod:`buffer.admission`) uses it; read by ``ControlPlane.counters`` and ``buffer stats``."""
+        return f"{self.prefix}:consumed_admitted"
 
     @property
     def dead_count(self) -> str:
@@ -79,4 +87,4 @@ class Keys:
     def all(self) -> tuple[str, ...]:
         """Every key of the run but the leases (they expire), for ``ControlPlane.reset``."""
         return (self.traj, self.dead, self.control, self.produced, self.held, self.delivered, self.consumed,
-                self.dead_count)
+                self.consumed_admitted, self.dead_count)

@@ -4,7 +4,7 @@ The learner loop drives it as::
 
     reader = GroupReader(cfg.redis, consumer="learner-0", vocab_size=vocab)
     while step < steps:
-        entries = reader.receive(batch_groups - len(batch), current_version=version)
+        entries = reader.receive(batch_groups - len(batch), current_version=version, max_lag=cap)
         ...train on [e.group for e in entries] ...; save checkpoint
         reader.ack([e.id for e in entries])    # only now XACK + XDEL: a crash before re-delivers them
 
@@ -21,9 +21,17 @@ Delivery is at least once. ``receive`` returns, in this order:
 Every entry is validated with ``protocol.decode_group`` (vocab size, current version). An invalid one
 is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
 returned; if it was written with an admission slot (``<prefix>:delivered``), that slot is given back, once;
-garbage written straight into the stream moves no capacity. A valid one is never dropped, except a poison one:
+garbage written straight into the stream moves no capacity. A valid one is never dropped, except a stale one
+or a poison one.
 
-Redis counts the deliveries of each pending entry (XPENDING's times-delivered: 1 for XREADGROUP ``>``,
+Stale (:func:`is_stale`, when ``receive`` is given ``max_lag``): a group whose *newest* generated token is
+more than ``max_lag`` versions behind ``current_version`` is dead-lettered with a reason ``stale: lag L >
+cap C ...``, like an invalid one (its admission slot comes back, so the actors produce a replacement),
+counted in ``stale`` (and ``dead``) and logged. The newest token, not the oldest: a long multi-turn episode
+legitimately carries tokens of old versions, and a group that was merely slow is never discarded. The
+learner passes the ceiling of its staleness cap (``learner.trainer.stale_cap``).
+
+Poison: Redis counts the deliveries of each pending entry (XPENDING's times-delivered: 1 for XREADGROUP ``>``,
 +1 for each re-read of the consumer's own pending entries and each XCLAIM). An entry that comes back
 through 1 or 2 after ``redis.max_deliveries`` deliveries without an ack (say it crashes the learner on
 every restart) is dead-lettered like an invalid one, with a reason naming the count and the consumer
@@ -60,6 +68,30 @@ class Entry:
     group: TrajectoryGroup
 
 
+def newest_version(group: TrajectoryGroup) -> int:
+    """The newest policy version among the generated tokens (loss mask 1) of ``group``'s trajectories; -1 if
+    it has none (a validated group has at least one per trajectory)."""
+    newest = -1
+    for t in group.trajectories:
+        gen = t.mask_np.astype(bool)
+        if gen.any():
+            newest = max(newest, int(t.versions_np[gen].max()))
+    return newest
+
+
+def is_stale(newest_version: int, learner_version: int, cap: int) -> bool:
+    """The read-side staleness rule: a group read by the learner at ``learner_version`` is stale when
+    ``learner_version - newest_version > cap``, ``newest_version`` being the newest policy version among its
+    generated tokens (:func:`newest_version`) and ``cap`` the ceiling of the staleness cap in force.
+
+    Measured on the newest token, not the oldest: a long multi-turn episode carries tokens of old versions
+    by design and must never be discarded for being slow; only a group with nothing recent in it (a backlog
+    left behind, a learner that jumped ahead) is stale."""
+    if cap < 0:
+        raise ValueError(f"is_stale: cap must be >= 0 (got {cap})")
+    return learner_version - newest_version > cap
+
+
 def clamp_block_ms(block_ms: int | None, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> int | None:
     """Blocking wait for XREADGROUP: ``block_ms`` capped at ``socket_timeout_s - 5 s`` (a longer BLOCK would
     hit the client's socket timeout and look like an outage); None or <= 0 means do not block."""
@@ -84,37 +116,48 @@ class GroupReader:
         self._own_cursor: str | None = "0"  # id after which to read our own pending entries; None once done
         self._claim_cursor = "0-0"  # reclaim scan position: last pending id looked at ("0-0": start over)
         self._last_scan_end = float("-inf")  # when the last full reclaim scan finished
-        self.dead = 0  # entries this reader dead-lettered
+        self.dead = 0  # entries this reader dead-lettered (stale ones included)
+        self.stale = 0  # of which stale (is_stale)
         self._retry.call(self._ensure_group)
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def receive(self, max_groups: int, block_ms: int | None = None,
-                current_version: int | None = None) -> list[Entry]:
+    def receive(self, max_groups: int, block_ms: int | None = None, current_version: int | None = None,
+                max_lag: int | None = None) -> list[Entry]:
         """Up to ``max_groups`` valid entries (own pending, then reclaimed, then new); may return fewer or none
-        after waiting ``block_ms`` (default ``redis.read_block_ms``) for new ones."""
+        after waiting ``block_ms`` (default ``redis.read_block_ms``) for new ones.
+
+        ``current_version``: the learner's version V (groups with tokens from a later version are invalid).
+        ``max_lag`` (needs ``current_version``): groups whose newest generated token is more than ``max_lag``
+        versions behind V are dead-lettered as stale (:func:`is_stale`)."""
         if max_groups < 1:
             raise ValueError(f"max_groups must be >= 1 (got {max_groups})")
+        if max_lag is not None and (current_version is None or max_lag < 0):
+            raise ValueError(f"max_lag needs current_version and must be >= 0 (got max_lag={max_lag}, "
+                             f"current_version={current_version})")
         block = clamp_block_ms(self.cfg.read_block_ms if block_ms is None else block_ms)
         out: list[Entry] = []
         while self._own_cursor is not None and len(out) < max_groups:
-            out += self._valid(*self._retry.call(self._read_own_pending, max_groups - len(out)), current_version)
+            out += self._valid(*self._retry.call(self._read_own_pending, max_groups - len(out)), current_version,
+                               max_lag)
         if len(out) < max_groups and self._reclaim_due():
-            out += self._valid(*self._retry.call(self._reclaim, max_groups - len(out)), current_version)
+            out += self._valid(*self._retry.call(self._reclaim, max_groups - len(out)), current_version, max_lag)
         while len(out) < max_groups:
             raw = self._retry.call(self._read_new, max_groups - len(out), None if out else block)
             if not raw:
                 break
-            out += self._valid(raw, {}, current_version)
+            out += self._valid(raw, {}, current_version, max_lag)
             block = None  # wait at most once per call
         return out
 
     def ack(self, ids: list[str]) -> int:
-        """XACK + XDEL ``ids`` and add them to the consumed counter (entries acked earlier count once).
-        Call after the step (or checkpoint) that used them. Returns how many were newly acked."""
+        """XACK + XDEL ``ids`` and add them to the consumed counter, the admitted ones also to consumed_admitted
+        (entries acked earlier count once). Call after the step (or checkpoint) that used them. Returns how many
+        were newly acked."""
         acked = 0
         for i in range(0, len(ids), ACK_CHUNK):
-            acked += self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed, self.keys.delivered],
+            acked += self._retry.call(self._ack, keys=[self.keys.traj, self.keys.consumed, self.keys.delivered,
+                                                       self.keys.consumed_admitted],
                                       args=[self.cfg.consumer_group, *ids[i:i + ACK_CHUNK]])
         self._held.difference_update(ids)
         return int(acked)
@@ -221,17 +264,19 @@ class GroupReader:
 
     # -- validation ----------------------------------------------------------------------------------
 
-    def _valid(self, raw: list, deliveries: dict[str, tuple[int, str]], current_version: int | None) -> list[Entry]:
-        """Decode and validate raw (id, fields) pairs; dead-letter the invalid ones and those delivered more
-        than ``max_deliveries`` times (``deliveries``: id -> (count, last consumer) of re-deliveries), return
-        the rest."""
+    def _valid(self, raw: list, deliveries: dict[str, tuple[int, str]], current_version: int | None,
+               max_lag: int | None = None) -> list[Entry]:
+        """Decode and validate raw (id, fields) pairs; dead-letter the invalid ones, the stale ones (with
+        ``max_lag``) and those delivered more than ``max_deliveries`` times (``deliveries``: id -> (count, last
+        consumer) of re-deliveries), return the rest."""
         out = []
         for rid, fields in raw:
             sid = rid.decode()
             if not fields:
-                # Still pending but deleted from the stream (by hand, or trimmed): nothing to deliver;
-                # clear it from our pending list so it is not read again.
-                self._retry.call(self.client.xack, self.keys.traj, self.cfg.consumer_group, sid)
+                # Still pending but deleted from the stream (by hand, or trimmed): nothing to deliver. Dead-letter
+                # it (no data) so that it leaves our pending list and, if it was admitted, gives its slot back
+                # instead of staying counted in delivered (queued) forever.
+                self._send_to_dead(sid, "deleted from the stream before it was acked", b"")
                 continue
             times, last = deliveries.get(sid, (1, self.consumer))
             if times > self.cfg.max_deliveries:
@@ -249,15 +294,21 @@ class GroupReader:
             except ProtocolError as exc:
                 self._send_to_dead(sid, str(exc), data)
                 continue
+            if max_lag is not None and is_stale(newest := newest_version(group), current_version, max_lag):
+                self._send_to_dead(sid, f"stale: lag {current_version - newest} > cap {max_lag} (newest token "
+                                   f"version {newest}, learner at {current_version}; group {group.group_id!r})",
+                                   data, stale=True)
+                continue
             self._held.add(sid)
             out.append(Entry(sid, group))
         return out
 
-    def _send_to_dead(self, sid: str, reason: str, data: bytes) -> None:
+    def _send_to_dead(self, sid: str, reason: str, data: bytes, stale: bool = False) -> None:
         moved = self._retry.call(
             self._dead_letter,
             keys=[self.keys.traj, self.keys.dead, self.keys.dead_count, self.keys.produced, self.keys.delivered],
             args=[self.cfg.consumer_group, sid, reason, data, self.cfg.dead_maxlen])
         if moved:
             self.dead += 1
+            self.stale += int(stale)
             log.warning("reader %s: entry %s moved to %s: %s", self.consumer, sid, self.keys.dead, reason)

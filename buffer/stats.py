@@ -7,6 +7,7 @@ import redis
 from configs.schema import RedisConfig
 from protocol import Control, ProtocolError, WeightsReady, decode
 
+from buffer.admission import ledger_reconciles
 from buffer.keys import Keys
 
 
@@ -26,16 +27,22 @@ def dead_letters(client: redis.Redis, cfg: RedisConfig, n: int) -> list[dict]:
 
 
 def collect_stats(client: redis.Redis, cfg: RedisConfig, n_dead: int = 5) -> dict:
-    """Stream length, consumer group and per-consumer pending counts, dead letters, counters (``held``: admitted
-    slots not yet delivered), control."""
+    """Stream length, consumer group and per-consumer pending counts, dead letters, counters, control.
+
+    Counters (one atomic MULTI/EXEC snapshot): ``produced``, ``held`` (admitted slots not yet delivered),
+    ``queued`` (admitted entries in the stream, not yet acked nor dead-lettered), ``consumed`` (entries acked)
+    and ``consumed_admitted`` (admitted entries acked), ``dead_count``; ``reconciles`` is the ledger's
+    identity ``produced == consumed_admitted + queued + held`` (:mod:`buffer.admission`)."""
     keys = Keys(cfg.prefix)
-    pipe = client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=True)
     pipe.xlen(keys.traj)
     pipe.xlen(keys.dead)
-    pipe.mget(keys.produced, keys.consumed, keys.dead_count)
+    pipe.mget(keys.produced, keys.consumed, keys.consumed_admitted, keys.dead_count)
     pipe.hgetall(keys.control)
     pipe.hlen(keys.held)
-    stream_len, dead_len, (produced, consumed, dead_count), control_hash, held = pipe.execute()
+    pipe.hlen(keys.delivered)
+    (stream_len, dead_len, (produced, consumed, consumed_admitted, dead_count), control_hash, held,
+     queued) = pipe.execute()
 
     group: dict | None = None
     consumers: list[dict] = []
@@ -75,11 +82,26 @@ def collect_stats(client: redis.Redis, cfg: RedisConfig, n_dead: int = 5) -> dic
         "dead_last": dead_letters(client, cfg, n_dead) if n_dead > 0 else [],
         "produced": _int(produced),
         "consumed": _int(consumed),
+        "consumed_admitted": _int(consumed_admitted),
+        "queued": _int(queued),
         "held": _int(held),
+        "reconciles": ledger_reconciles(_int(produced), _int(consumed_admitted), _int(queued), _int(held)),
         "capacity": capacity,
         "control": control,
         "weights": weights,
     }
+
+
+def ledger_line(st: dict) -> str:
+    """``produced = consumed + queued + held`` with the numbers and ``ok`` or ``MISMATCH``; consumed counts
+    the admitted entries acked (entries written without a slot never held capacity and are left out)."""
+    verdict = "ok" if st["reconciles"] else "MISMATCH"
+    line = (f"ledger: produced = consumed + queued + held: {st['produced']} = {st['consumed_admitted']} + "
+            f"{st['queued']} + {st['held']} {verdict}")
+    unslotted = st["consumed"] - st["consumed_admitted"]
+    if unslotted > 0:
+        line += f" ({unslotted} more acked entries were written without a slot)"
+    return line
 
 
 def format_stats(st: dict) -> str:
@@ -95,6 +117,7 @@ def format_stats(st: dict) -> str:
             lines.append(f"  consumer {c['name']}: pending {c['pending']}, idle {c['idle_s']:.1f} s")
     lines.append(f"counters: produced {st['produced']}, consumed {st['consumed']}, dead {st['dead_count']}, "
                  f"held {st['held']} (admitted, not yet streamed)")
+    lines.append(ledger_line(st))
     c = st["control"]
     if c is None:
         lines.append("control: none yet (no learner has written it; actors admit nothing)")

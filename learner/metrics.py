@@ -37,7 +37,7 @@ REQUIRED_KEYS = (
     "discrepancy/total", "discrepancy/engine", "discrepancy/lag_slope", "discrepancy/max_token",
     "discrepancy/ess",
     "dcmdp/lambda", "dcmdp/beta", "dcmdp/delta",
-    "staleness/max_allowed", "staleness/mean", "staleness/max",
+    "staleness/max_allowed", "staleness/mean", "staleness/max", "buffer/stale_groups",
     "is/masked_frac", "loss", "grad_norm",
     "time/wait_for_data_s", "time/step_s", "throughput/tokens_per_s",
 )

@@ -2,7 +2,8 @@
 
 One optimizer step at learner version V::
 
-    entries = reader.receive(...)                  # until learner.batch_groups groups (own pending first)
+    entries = reader.receive(...)                  # until learner.batch_groups groups (own pending first);
+                                                   # stale ones (newest token > stale_cap behind V) dead-lettered
     batch = collate(groups)                        # GRPO advantages per group, right-padded [B, T]
     logp_prox = no-grad logprobs under the current weights (micro-batched)
     stats = summarize(logp_prox, logp_mu, lag = V - versions, mask)
@@ -169,6 +170,23 @@ def episode_stats(groups) -> dict[str, float]:
     }
 
 
+def stale_cap(cfg: "DcrlConfig") -> int:
+    """The read-side staleness ceiling the learner passes to ``GroupReader.receive(max_lag=...)``: a group
+    whose newest generated token is more than this many versions behind the learner is dead-lettered as stale
+    (``buffer.reader.is_stale``).
+
+    Admission bounds the lag of an honest group by 2 K: an actor may start a group on weights up to K versions
+    behind the learner (``actors.weight_sync.weights_behind_cap``), and the admitted group may then wait up
+    to K more versions in the queue (``buffer.admission.admission_capacity``). K moves in [k_min, k_max]
+    (baselines use k_max; ``sync`` has K = 0, where the bound is exact). Plus ``learner.publish_every - 1``:
+    weights are published only every publish_every versions, so even a group generated on the newest
+    published weights may carry that many versions of lag. Anything beyond is not something admission let
+    through: a backlog left by a fault, or a writer that skipped admission."""
+    ccfg = cfg.controller
+    ceiling = 0 if ccfg.mode == "sync" else 2 * ccfg.k_max
+    return ceiling + cfg.learner.publish_every - 1
+
+
 def nan_if_none(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
@@ -228,8 +246,11 @@ class Learner:
         """Entries for one step (``batch_groups`` of them) and the seconds spent waiting for them.
 
         An id already trained since the last checkpoint is skipped, as a guard: the reader never hands back
-        entries it holds (its reclaim skips them), and an entry must not be trained twice whatever happens."""
+        entries it holds (its reclaim skips them), and an entry must not be trained twice whatever happens.
+        Groups whose newest token is more than :func:`stale_cap` versions behind ``version`` are dead-lettered
+        by the reader (their slots come back to the actors); ``reader.stale`` counts them."""
         need = self.cfg.learner.batch_groups
+        cap = stale_cap(self.cfg)
         t0 = time.monotonic()
         deadline = t0 + self.cfg.learner.wait_timeout_s
         seen = set(self.unacked)
@@ -237,7 +258,7 @@ class Learner:
         reclaimed_at = t0
         while len(entries) < need:
             got = self.reader.receive(need - len(entries), block_ms=self.cfg.redis.read_block_ms,
-                                      current_version=self.version)
+                                      current_version=self.version, max_lag=cap)
             if len(entries) + len(got) < need and time.monotonic() - reclaimed_at >= 1.0:
                 # Still short: an actor that died holding admitted slots (and did not come back under its
                 # id) must not keep them from the others once its lease has lapsed.
@@ -366,7 +387,13 @@ class Learner:
         cfg = self.cfg.learner
         t_start = time.monotonic()
         while self.step < cfg.steps:
+            stale0, dead0 = self.reader.stale, self.reader.dead
             entries, wait_s = self.collect()
+            stale, dead = self.reader.stale - stale0, self.reader.dead - dead0
+            if stale:
+                log.warning("step %d: dead-lettered %d stale groups (newest token more than %d versions behind "
+                            "version %d); their slots went back to the actors", self.step + 1, stale,
+                            stale_cap(self.cfg), self.version)
             res = self.train_step([e.group for e in entries])
             self.unacked.extend(e.id for e in entries)
             self.last_out = res.out
@@ -377,6 +404,8 @@ class Learner:
                 row["time/publish_s"] = time.perf_counter() - t0
             self.write_control(res.out)
             row["time/wait_for_data_s"] = wait_s
+            row["buffer/stale_groups"] = stale  # dead-lettered as stale while collecting this step's batch
+            row["buffer/dead_groups"] = dead  # all dead letters while collecting it (stale ones included)
             row["time/elapsed_s"] = time.monotonic() - t_start  # since this process started training
             row["throughput/tokens_per_s"] = row["tokens/generated"] / max(wait_s + row["time/step_s"], 1e-9)
             row["throughput/learner_tokens_per_s"] = row["tokens/total"] / max(row["time/step_s"], 1e-9)

@@ -340,13 +340,15 @@ def test_dead_letter_gives_back_the_admission_slot_of_admitted_entries_only(redi
     xadd_all(cfg, [{"data": b"\x00garbage"}, {"data": b"\x00garbage", "slot": b}])
     reader = GroupReader(cfg, "learner-0")
     assert reader.receive(4, block_ms=50) == []
-    assert control.counters() == {"produced": 2, "consumed": 0, "dead": 2, "held": 2, "capacity": 2}
+    assert control.counters() == {"produced": 2, "consumed": 0, "dead": 2, "held": 2, "capacity": 2,
+                                  "consumed_admitted": 0, "queued": 0, "reconciles": True}
     # An admitted group the learner rejects (from a future version) gives its slot back.
     writer = GroupWriter(cfg, "actor-0")
     writer.send(groups(1, version=3)[0], a)
     assert writer.close() == 0
     assert reader.receive(4, block_ms=200, current_version=0) == []
-    assert control.counters() == {"produced": 1, "consumed": 0, "dead": 3, "held": 1, "capacity": 2}
+    assert control.counters() == {"produced": 1, "consumed": 0, "dead": 3, "held": 1, "capacity": 2,
+                                  "consumed_admitted": 0, "queued": 0, "reconciles": True}
     assert control.admit("actor-0") and not control.admit("actor-0")
 
 
@@ -363,7 +365,8 @@ def test_reset_deletes_stream_counters_and_control_and_reader_recovers(redis_url
     assert len(drain(reader, 1)) == 1
     control.reset()
     assert control.read_control() is None
-    assert control.counters() == {"produced": 0, "consumed": 0, "dead": 0, "held": 0, "capacity": -1}
+    assert control.counters() == {"produced": 0, "consumed": 0, "dead": 0, "held": 0, "capacity": -1,
+                                  "consumed_admitted": 0, "queued": 0, "reconciles": True}
     assert not reader.client.exists(f"{cfg.prefix}:held", f"{cfg.prefix}:delivered")
     writer.send(groups(1, prefix="new")[0])
     writer.close()

@@ -60,6 +60,7 @@ def test_stats_cli_prints_stream_pending_counters_version_and_dead_letters(redis
     assert "stream dcrl:traj: 5 entries" in out
     assert "consumer learner-0: pending 2" in out
     assert "produced 7, consumed 0, dead 1" in out
+    assert "ledger: produced = consumed + queued + held: 7 = 0 + 0 + 7 ok" in out
     assert "version 3, K (max_staleness) 2" in out
     assert "capacity 24 (headroom 17)" in out  # (2 + 3 + 1) * 4 - 7
     assert "dead letters: 1 total" in out and "TrajectoryGroup" in out
@@ -73,6 +74,7 @@ def test_stats_cli_json_and_config_before_command(redis_url):
     assert st["stream_len"] == 5 and st["group"]["pending"] == 2
     assert st["control"]["version"] == 3 and st["control"]["max_staleness"] == 2
     assert st["dead_count"] == 1 and st["produced"] == 7
+    assert (st["consumed_admitted"], st["queued"], st["held"], st["reconciles"]) == (0, 0, 7, True)
 
 
 def test_stats_cli_on_an_empty_redis(redis_url):

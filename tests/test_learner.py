@@ -307,6 +307,32 @@ def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url,
         learner.reader.close()
 
 
+def test_learner_collect_dead_letters_groups_whose_newest_token_is_past_the_cap(tmp_path, redis_url,
+                                                                                 random_tiny_dir, data_model):
+    import torch
+
+    from buffer import ControlPlane, GroupReader
+
+    cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "controller.k_max=2", "redis.read_block_ms=100")
+    stale = make_groups(data_model, 2, versions=(0, 5), tag="stale")  # newest 5: lag 5 at version 10
+    mixed = make_groups(data_model, 1, versions=(0, 9), seed=1, tag="mixed")  # oldest lag 10, newest lag 1
+    fresh = make_groups(data_model, 1, versions=(8,), seed=2, tag="fresh")
+    push(cfg, stale + mixed + fresh)
+    learner = _bare_learner(cfg, data_model, torch.optim.SGD(data_model.parameters(), lr=0.0))
+    learner.version = 10
+    learner.reader = GroupReader(cfg.redis, "learner-0")
+    learner.control = ControlPlane(cfg.redis)
+    try:
+        entries, _ = learner.collect()
+        assert [e.group.group_id for e in entries] == ["mixed-1-0", "fresh-2-0"]
+        assert learner.reader.stale == 2
+        reasons = [f[b"reason"].decode() for _, f in learner.reader.client.xrange(f"{cfg.redis.prefix}:dead")]
+        assert all(r.startswith("stale: lag 5 > cap 4") for r in reasons) and len(reasons) == 2
+    finally:
+        learner.reader.close()
+        learner.control.close()
+
+
 def test_episode_stats_counts_turns_tokens_and_truncation():
     from learner.trainer import episode_stats
 
