@@ -92,11 +92,17 @@ class TinyModelConfig(_Strict):
     head_dim: int = Field(32, ge=8)
     intermediate_size: int = Field(256, ge=16)
     max_position_embeddings: int = Field(512, ge=64)
-    warmstart_steps: int = Field(300, ge=0)
+    warmstart_steps: int = Field(2500, ge=0)
+    """Most supervised warm-start steps; the build fails, naming this field, if accuracy is still below
+    ``warmstart_min_acc`` by then. 0: no warm start at all (random weights)."""
     warmstart_lr: float = Field(3e-3, gt=0)
     warmstart_batch: int = Field(64, ge=1)
-    warmstart_max_acc: float = Field(0.45, gt=0, le=1)
-    """Stop the supervised warm start once greedy accuracy on held-out prompts reaches this."""
+    warmstart_min_acc: float = Field(0.35, gt=0, le=1)
+    """Stop the supervised warm start at the first check whose greedy accuracy on held-out prompts is in
+    [warmstart_min_acc, warmstart_max_acc]: the model is left deliberately mediocre, so RL has signal and room."""
+    warmstart_max_acc: float = Field(0.6, gt=0, le=1)
+    """Top of the warm start's accuracy window: a check above it rolls back to the previous check and
+    continues with a check after every step."""
     warmstart_eval_every: int = Field(10, ge=1)
     """Warm-start steps between two held-out accuracy checks (one check costs about 3 training steps)."""
     warmstart_eval_episodes: int = Field(200, ge=10)
@@ -298,6 +304,9 @@ class DcrlConfig(_Strict):
             raise ValueError("actor.max_tokens_per_turn must be <= actor.max_tokens_per_episode")
         if self.actor.max_tokens_per_episode >= self.model.max_seq_len:
             raise ValueError("actor.max_tokens_per_episode must be < model.max_seq_len (room for the prompt)")
+        if self.model.tiny.warmstart_min_acc > self.model.tiny.warmstart_max_acc:
+            raise ValueError("model.tiny.warmstart_min_acc must be <= model.tiny.warmstart_max_acc (the warm start's "
+                             "accuracy window)")
         if self.learner.weight_transfer == "nccl" and self.learner.device == "cpu":
             raise ValueError("learner.weight_transfer = \"nccl\" broadcasts from the learner's GPU: it needs "
                              "learner.device = \"cuda\" (or \"auto\" on a GPU machine); use \"gloo\" on CPU")

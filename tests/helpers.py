@@ -10,7 +10,7 @@ import pytest
 
 # Fast warm start for tests: stop at 5% held-out accuracy (~100 steps, seconds on one core).
 FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
-             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_max_acc=0.05"]
+             "model.tiny.warmstart_eval_episodes=100", "model.tiny.warmstart_min_acc=0.05"]
 # No warm start at all: random weights, for tests of the training machinery rather than of learning.
 RANDOM_TINY = ["model.tiny.warmstart_steps=0", "model.tiny.warmstart_eval_episodes=10"]
 

@@ -1,4 +1,4 @@
-"""The built-in tiny model (learner/tiny.py) and weight files (learner/weights_io.py)."""
+"""The built-in tiny model (tiny/) and the published weight file format (weights/format.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from configs.schema import load_config
 from helpers import FAST_TINY
-from tiny.tokenizer import CHARSET, build_tokenizer
-from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
-from tiny.build import STAMP_FILE, ensure_model, is_current, read_stamp
+from tiny.build import STAMP_FILE, WarmStartError, build_tiny_model, ensure_model, is_current, read_stamp
 from tiny.data import guess_segments
+from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
+from tiny.tokenizer import CHARSET, build_tokenizer
 from weights.format import sha256_file, write_weights
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -36,7 +36,6 @@ def one_torch_thread():
 
     with torch_threads(1):
         yield
-
 
 
 @pytest.fixture(scope="session")
@@ -248,3 +247,40 @@ def test_tiny_cli_help_is_fast():
                          timeout=30, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "--sample" in out.stdout
     assert time.monotonic() - t0 < 2.0
+
+
+def test_warm_start_fails_loudly_below_the_window_at_the_step_limit(tmp_path):
+    cfg = fast_config(tmp_path / "m", ["model.tiny.warmstart_steps=5", "model.tiny.warmstart_eval_every=5",
+                                       "model.tiny.warmstart_eval_episodes=10", "model.tiny.warmstart_min_acc=0.3"])
+    with pytest.raises(WarmStartError, match=r"model.tiny.warmstart_steps=5 .*below model.tiny.warmstart_min_acc=0.3"):
+        ensure_model(cfg, log=lambda *a: None)
+    assert not (tmp_path / "m").exists()  # no half-built model left behind
+
+
+def test_warm_start_window_must_be_ordered(tmp_path):
+    from configs import ConfigError
+
+    with pytest.raises(ConfigError, match="warmstart_min_acc must be <= model.tiny.warmstart_max_acc"):
+        fast_config(tmp_path, ["model.tiny.warmstart_min_acc=0.5", "model.tiny.warmstart_max_acc=0.4"])
+
+
+@pytest.mark.slow
+def test_warm_start_rolls_back_an_overshoot_and_lands_in_the_window(tmp_path):
+    """Checks every 20 steps jump from 0.01 to 0.12 over the window [0.05, 0.08] (measured for run.seed 0): the
+    build goes back to the last check and steps one at a time into the window."""
+    lines: list[str] = []
+    cfg = fast_config(tmp_path, ["model.tiny.warmstart_min_acc=0.05", "model.tiny.warmstart_max_acc=0.08"])
+    stamp = build_tiny_model(cfg, tmp_path / "m", log=lines.append)
+    assert any("overshot the window" in line for line in lines), lines
+    assert 0.05 <= stamp["accuracy"] <= 0.08
+    assert stamp["steps"] % 20 != 0  # it stopped between two regular checks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 9])
+def test_warm_start_lands_in_the_tiny_presets_window_whatever_the_seed(tmp_path, seed):
+    """run.seed 1 once stopped at the step cap with accuracy 0.10, too weak for RL to learn from. Measured with
+    the preset's window [0.40, 0.60]: seeds 0-9 all land, in 270-1470 steps."""
+    cfg = load_config("tiny", [f"run.seed={seed}", f"model.path={tmp_path / 'm'}"], env={})
+    stamp = build_tiny_model(cfg, tmp_path / "m", log=lambda *a: None)
+    assert cfg.model.tiny.warmstart_min_acc <= stamp["accuracy"] <= cfg.model.tiny.warmstart_max_acc

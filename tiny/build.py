@@ -72,14 +72,25 @@ def check_vllm_cpu_constraints(tiny: "TinyModelConfig") -> None:
                          f"num_kv_heads ({tiny.num_kv_heads})")
 
 
+class WarmStartError(RuntimeError):
+    """The warm start could not land the model's held-out accuracy in its window; the message names the settings."""
+
+
 def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) -> dict:
-    """Supervised warm start (AdamW, teacher forcing) until held-out greedy arithmetic accuracy reaches
-    ``tiny.warmstart_max_acc`` or ``tiny.warmstart_steps`` steps; returns {steps, accuracy, seconds}.
+    """Supervised warm start (AdamW, teacher forcing) until held-out greedy arithmetic accuracy lands in the
+    window [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
 
     Each step: ``warmstart_batch`` arithmetic episodes plus ``warmstart_guess_fraction`` as many
     binary-search guess_number dialogues (two forward passes, so short problems are not padded to
-    dialogue length). Accuracy is checked every ``warmstart_eval_every`` steps.
+    dialogue length). Accuracy is checked every ``warmstart_eval_every`` steps; training stops at the first
+    check inside the window. A check above the window means those steps overshot it (accuracy can jump by
+    0.3 within ten steps for some seeds): model, optimizer and data stream go back to the previous check, and
+    training resumes with a check after every step. Raises WarmStartError when ``warmstart_steps`` pass
+    below the window, or a single step jumps over it. ``warmstart_steps = 0`` skips the warm start
+    (random weights; the window is not checked).
     """
+    import copy
+
     import torch
 
     rng = random.Random(seed)
@@ -88,27 +99,54 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) 
     n_guess = round(tiny.warmstart_batch * tiny.warmstart_guess_fraction)
     if tiny.warmstart_guess_fraction > 0:
         n_guess = max(1, n_guess)
+    lo, hi = tiny.warmstart_min_acc, tiny.warmstart_max_acc
     t0 = time.monotonic()
     acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
-    step = 0
-    while step < tiny.warmstart_steps and acc < tiny.warmstart_max_acc:
+    step, every = 0, tiny.warmstart_eval_every
+    if tiny.warmstart_steps == 0:
+        return {"steps": 0, "accuracy": acc, "seconds": round(time.monotonic() - t0, 1)}
+
+    def snapshot() -> tuple:
+        return (step, acc, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), rng.getstate())
+
+    last = snapshot()
+    while not lo <= acc <= hi:
+        if acc > hi:
+            if every == 1:
+                raise WarmStartError(
+                    f"warm start (run.seed {seed}): one step took held-out accuracy from {last[1]:.3f} to {acc:.3f}, "
+                    f"over the window [{lo}, {hi}]: lower model.tiny.warmstart_lr or widen "
+                    "model.tiny.warmstart_min_acc / warmstart_max_acc")
+            log(f"[tiny] warm start step {step}: accuracy {acc:.3f} overshot the window [{lo}, {hi}]; "
+                f"back to step {last[0]} ({last[1]:.3f}), checking after every step")
+            step, acc = last[0], last[1]
+            model.load_state_dict(last[2])
+            opt.load_state_dict(last[3])
+            rng.setstate(last[4])
+            every = 1
+            continue
+        if step >= tiny.warmstart_steps:
+            raise WarmStartError(
+                f"warm start (run.seed {seed}): held-out accuracy {acc:.3f} after model.tiny.warmstart_steps={step} "
+                f"steps, below model.tiny.warmstart_min_acc={lo}: raise warmstart_steps or warmstart_lr")
+        last = snapshot()
         model.train()
-        arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer)
-                 for _ in range(tiny.warmstart_batch)]
-        loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
-        if n_guess:
-            dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer)
-                         for _ in range(n_guess)]
-            loss = loss + masked_nll(model, *pad_batch(dialogues, tokenizer.pad_token_id))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % tiny.warmstart_eval_every == 0 or step == tiny.warmstart_steps:
-            acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
-            log(f"[tiny] warm start step {step:4d}  loss {loss.item():.3f}  "
-                f"held-out arithmetic acc {acc:.3f}  ({time.monotonic() - t0:.0f}s)")
+        for _ in range(min(every, tiny.warmstart_steps - step)):
+            arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer)
+                     for _ in range(tiny.warmstart_batch)]
+            loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
+            if n_guess:
+                dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer)
+                             for _ in range(n_guess)]
+                loss = loss + masked_nll(model, *pad_batch(dialogues, tokenizer.pad_token_id))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+        acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
+        log(f"[tiny] warm start step {step:4d}  loss {loss.item():.3f}  "
+            f"held-out arithmetic acc {acc:.3f}  ({time.monotonic() - t0:.0f}s)")
     return {"steps": step, "accuracy": acc, "seconds": round(time.monotonic() - t0, 1)}
 
 
