@@ -37,6 +37,7 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
     from actors.weight_sync import WeightSubscriber
     from buffer import ControlPlane, GroupWriter
     from tiny.build import ensure_model
+    from weights.quant import quantized_model_dir
 
     log = logging.getLogger("dcrl.actor")
     loop = asyncio.get_running_loop()
@@ -54,11 +55,14 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     model_dir = ensure_model(cfg, log=log.info)
+    # Low-precision actors start from the same rounding the learner applies to every published version.
+    engine_dir = quantized_model_dir(model_dir, os.path.join(cfg.actor.weights_cache_dir, actor_id,
+                                                             f"start-{cfg.actor.weight_quant}"), cfg.actor.weight_quant)
     control = ControlPlane(cfg.redis, who=actor_id)
     writer = GroupWriter(cfg.redis, actor_id)
     engine = subscriber = None
     try:
-        engine = await Engine.start(cfg, model_dir, device=device, replica=replica)
+        engine = await Engine.start(cfg, engine_dir, device=device, replica=replica)
         if early_stop.is_set():
             return 0
         subscriber = WeightSubscriber(cfg.learner.zmq_pub)

@@ -52,9 +52,11 @@ WORKER_EXTENSION = "actors.vllm_ext.WorkerExtension"
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}
 
 
-def engine_tag(device_type: str, dtype: str) -> str:
-    """Engine label stored in every TrajectoryGroup, e.g. ``vllm-cpu/bf16`` or ``vllm-cuda/bf16``."""
-    return f"vllm-{device_type}/{DTYPE_TAGS.get(dtype, dtype)}"
+def engine_tag(device_type: str, dtype: str, weight_quant: str = "none") -> str:
+    """Engine label stored in every TrajectoryGroup, e.g. ``vllm-cpu/bf16``, ``vllm-cuda/bf16`` or, with
+    ``actor.weight_quant``, ``vllm-cpu/bf16+int8w`` (int8-rounded weights computed in bf16)."""
+    tag = f"vllm-{device_type}/{DTYPE_TAGS.get(dtype, dtype)}"
+    return tag if weight_quant == "none" else f"{tag}+{weight_quant}w"
 
 
 def visible_gpus(environ: Mapping[str, str]) -> list[str]:
@@ -219,7 +221,7 @@ class Engine:
         # The AsyncLLM lives only on the Engine (no local name): Engine.shutdown() can then free it while
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.
         engine = cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(cfg, model_path, device, replica))),
-                     tag=engine_tag(device, cfg.actor.dtype), temperature=cfg.actor.temperature,
+                     tag=engine_tag(device, cfg.actor.dtype, cfg.actor.weight_quant), temperature=cfg.actor.temperature,
                      top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache)
         if device == "cpu":
             await engine.llm.collective_rpc("dcrl_init_amx")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protocol.vocab import ControllerMode, Transport
+from protocol.vocab import ControllerMode, Transport, WeightQuant
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -142,6 +142,11 @@ class ActorConfig(_Strict):
     max_turns: int = Field(12, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
     """vLLM compute dtype: bfloat16 vs the learner's float32 is the engine mismatch dcrl budgets."""
+    weight_quant: WeightQuant = "none"
+    """Heterogeneous rollout: the learner trains at full precision, the actors serve weights rounded to "int8" or
+    "fp8" (e4m3), one absmax scale per output channel. Quantised then dequantised at publish (and for the actors'
+    starting weights), so the engine computes with exactly the quantised values; vLLM's own low-precision
+    kernels are not used (see weights/quant.py). The lag-0 discrepancy then carries the quantisation error."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     cpu_kv_cache_gb: int = Field(1, ge=1)
     """vLLM CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."""

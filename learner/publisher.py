@@ -27,30 +27,14 @@ import time
 from pathlib import Path
 
 from protocol.messages import WeightsReady, encode
+from protocol.vocab import WeightQuant
 from weights.fileserver import WeightFileServer, kept_versions, version_dir
-from weights.format import write_weights
+from weights.format import companion_files, write_weights
 
 log = logging.getLogger("dcrl.publisher")
 
-# Files of a model directory that are weights (never copied: the published file replaces them).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-
-
-def companion_files(model_dir: str | os.PathLike) -> list[Path]:
-    """Files of the model directory to copy beside each published weight file: config, generation
-    config, tokenizer files (everything that is a regular file and not weights or a weight index)."""
-    out = []
-    for p in sorted(Path(model_dir).iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
-            continue
-        out.append(p)
-    return out
-
-
 def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir: str | os.PathLike,
-                      dtype: str | None = None) -> tuple[Path, str]:
+                      dtype: str | None = None, quant: WeightQuant = "none") -> tuple[Path, str]:
     """Write version ``version`` as a loadable HF directory (floating tensors in ``dtype`` when given),
     atomically; return (dir, sha256).
 
@@ -63,7 +47,7 @@ def write_version_dir(model, run_dir: str | os.PathLike, version: int, model_dir
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    sha = write_weights(model, tmp, dtype)
+    sha = write_weights(model, tmp, dtype, quant)
     for f in companion_files(model_dir):
         shutil.copy2(f, tmp / f.name)
     if final.exists():
@@ -92,7 +76,7 @@ class WeightPublisher:
     """
 
     def __init__(self, lcfg, run_dir: str | os.PathLike, model_dir: str | os.PathLike, *,
-                 actor_dtype: str = "auto"):
+                 actor_dtype: str = "auto", weight_quant: WeightQuant = "none"):
         import zmq
 
         self.cfg = lcfg
@@ -101,6 +85,7 @@ class WeightPublisher:
         # Published weights are in the actors' compute dtype (half the bytes of fp32 for bf16), files and
         # broadcasts alike: vLLM would round them to it on load anyway, so the actors serve the same values.
         self.wire_dtype = None if actor_dtype == "auto" else actor_dtype
+        self.weight_quant = weight_quant  # heterogeneous rollout: actors serve int8/fp8-rounded weights
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
@@ -142,7 +127,8 @@ class WeightPublisher:
         if self.transfer is not None:
             return self._publish_snapshot(model, version)
         t0 = time.perf_counter()
-        path, sha = write_version_dir(model, self.run_dir, version, self.model_dir, self.wire_dtype)
+        path, sha = write_version_dir(model, self.run_dir, version, self.model_dir, self.wire_dtype,
+                                      self.weight_quant)
         self.files.remember(version, sha)
         prune_versions(self.run_dir, self.cfg.keep_versions, version)
         msg = WeightsReady(version=version, path=str(path.resolve()), sha256=sha, url=self.cfg.zmq_files,
@@ -155,7 +141,7 @@ class WeightPublisher:
         from learner.transfer import take_snapshot
 
         t0 = time.perf_counter()
-        snap = take_snapshot(model, version, wire_dtype=self.wire_dtype,
+        snap = take_snapshot(model, version, wire_dtype=self.wire_dtype, quant=self.weight_quant,
                              device="cpu" if self.cfg.weight_transfer == "gloo" else None)
         self.transfer.set_snapshot(snap)
         msg = WeightsReady(version=version, path="", sha256="", url=self.cfg.zmq_transfer, created_at=time.time(),

@@ -514,7 +514,8 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
     reader = GroupReader(cfg.redis, lcfg.consumer, vocab_size=vocab)
     if ckpt is not None and ckpt.state.get("trained_ids"):
         reader.ack(list(ckpt.state["trained_ids"]))
-    publisher = WeightPublisher(lcfg, run_dir, model_dir, actor_dtype=cfg.actor.dtype)
+    publisher = WeightPublisher(lcfg, run_dir, model_dir, actor_dtype=cfg.actor.dtype,
+                                weight_quant=cfg.actor.weight_quant)
     metrics = MetricsLogger(run_dir, wandb_mode=lcfg.wandb_mode, wandb_project=lcfg.wandb_project,
                             run_name=cfg.run.name, config=cfg.model_dump(mode="json"), progress=lcfg.progress,
                             total_steps=lcfg.steps, start_step=step)

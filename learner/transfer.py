@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from buffer.server import free_port
 from protocol.messages import ProtocolError, TransferReply, TransferRequest, decode, encode
-from protocol.vocab import COLLECTIVE_TRANSPORTS
+from protocol.vocab import COLLECTIVE_TRANSPORTS, WeightQuant
 from weights.collective import open_group, packed_defaults
 from weights.format import published_tensors, wire_tensor
 from weights.router import RouterServer
@@ -79,7 +79,8 @@ class Snapshot:
         return [list(t.shape) for t in self.tensors]
 
 
-def take_snapshot(model, version: int, wire_dtype: str | None = None, device=None) -> Snapshot:
+def take_snapshot(model, version: int, wire_dtype: str | None = None, device=None,
+                  quant: WeightQuant = "none") -> Snapshot:
     """Copy the model's published tensors (``weights.format.published_tensors``: the state dict plus
     an explicit ``lm_head.weight``), floating ones cast to ``wire_dtype`` (a torch dtype name) when given,
     onto ``device`` when given (else they stay on the model's device).
@@ -89,7 +90,7 @@ def take_snapshot(model, version: int, wire_dtype: str | None = None, device=Non
     import torch
 
     with torch.no_grad():
-        pairs = [(name, wire_tensor(t, wire_dtype, device, copy=True)) for name, t in published_tensors(model)]
+        pairs = [(name, wire_tensor(t, wire_dtype, device, copy=True)) for name, t in published_tensors(model, quant)]
     if any(t.is_cuda for _, t in pairs):
         torch.cuda.synchronize()
     tensors = [t for _, t in pairs]

@@ -23,9 +23,14 @@ FinishReason = Literal["stop", "length", "turn_limit", "token_limit"]
 stop (env done after a turn that closed with EOS), length (env done, last turn cut at its token budget),
 turn_limit / token_limit (the episode's turn or token budget ran out before the env ended it; reward 0)."""
 
+WeightQuant = Literal["none", "int8", "fp8"]
+"""Precision of the weights the actors serve (``actor.weight_quant``): as trained, or rounded to int8 / fp8 per
+output channel at publish (``weights.quant``)."""
+
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 COLLECTIVE_TRANSPORTS: tuple[str, ...] = get_args(CollectiveTransport)
 CONTROLLER_MODES: tuple[str, ...] = get_args(ControllerMode)
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+WEIGHT_QUANTS: tuple[str, ...] = get_args(WeightQuant)
 TRUNCATED_FINISH_REASONS: tuple[str, ...] = ("length", "turn_limit", "token_limit")
 """Finish reasons of episodes cut by a budget rather than ended by the environment after an EOS."""

@@ -32,10 +32,12 @@ def test_resolve_actor_id_precedence_cli_env_honcho_default():
 
 def test_honcho_scaled_actors_get_distinct_ids(tmp_path):
     # The real honcho, as `honcho start -c actor=2` runs the Procfile: each replica must get its own id.
+    # (Flushed, then kept alive a moment: honcho stops the others when one exits, and a replica still starting
+    # then would be killed before it printed.)
     procfile = tmp_path / "Procfile"
     procfile.write_text(
-        f"actor: {sys.executable} -c \"import os; from actors.actor import resolve_actor_id; "
-        f"print('ID=' + resolve_actor_id(None, os.environ))\"\n")
+        f"actor: {sys.executable} -c \"import os, time; from actors.actor import resolve_actor_id; "
+        f"print('ID=' + resolve_actor_id(None, os.environ), flush=True); time.sleep(3)\"\n")
     honcho = Path(sys.executable).parent / "honcho"
     proc = subprocess.run([str(honcho), "start", "-f", str(procfile), "-d", str(ROOT), "-c", "actor=2"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
