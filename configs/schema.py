@@ -243,6 +243,8 @@ class ControllerConfig(_Strict):
     """Tolerance of the discrepancy constraint D <= delta; auto = (1 + auto_slack) * engine floor at warm-up."""
     auto_slack: float = Field(0.5, ge=0)
     warmup_steps: int = Field(1, ge=1)
+    """Observations with lag-0 tokens whose engine floor is averaged for delta = "auto" (see
+    learner.controller.DCMDPController): one batch is a noisy estimate."""
     dual: Literal["ascent", "pid"] = "ascent"
     eta: float = Field(1.0, gt=0)
     """Dual ascent step on the normalised violation (D - delta) / delta."""

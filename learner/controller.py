@@ -117,6 +117,10 @@ def ema_update(old: float | None, new: float | None, alpha: float) -> float | No
     return new if old is None else alpha * new + (1.0 - alpha) * old
 
 
+WARMUP_LIMIT = 4
+"""Warm-up ends after this many times ``controller.warmup_steps`` observations even if too few held lag-0 tokens."""
+
+
 def auto_delta(engine_floors: list[float], slack: float) -> float:
     """delta = (1 + slack) * mean of the engine floors measured during warm-up.
 
@@ -157,9 +161,13 @@ class ControllerOutput:
 class DCMDPController:
     """Turns each step's DiscrepancyStats into lambda, beta(lambda) and K(lambda).
 
-    Warm-up: the first ``warmup_steps`` observations (with at least one token) measure the engine floor
-    (the lag-0 mean D, or the total D where a batch has no lag-0 token). With ``delta = "auto"`` the
-    tolerance becomes (1 + auto_slack) * their mean after the last one (provisional before). During
+    Warm-up: the engine floor is measured over ``warmup_steps`` observations that hold lag-0 tokens (the
+    lag-0 mean D of each); observations without lag-0 tokens do not count, and their total D is kept only as
+    a fallback for when none of the first ``WARMUP_LIMIT x warmup_steps`` observations has a lag-0 token.
+    (Measured on the tiny preset: the lag-0 D of single batches ranges 0.002-0.008 around a median of 0.0035,
+    so a one-batch floor moved delta by 2x from run to run, and the throttle's K with it; a total D would
+    also count policy lag as engine mismatch.) With ``delta = "auto"`` the tolerance becomes
+    (1 + auto_slack) * the mean floor when warm-up ends (provisional before). During
     warm-up lambda stays at ``lambda_init``, K = K_max and the dual does not move: with no tolerance
     yet there is no violation to react to. The dual updates start with the next observation, from
     lambda_init (the PID integral starts there too).
@@ -178,6 +186,7 @@ class DCMDPController:
         self.n_observed = 0
         self.lam = cfg.lambda_init if self.adaptive else 0.0
         self.warmup_floors: list[float] = []
+        self.warmup_totals: list[float] = []  # total D of warm-up observations without lag-0 tokens (fallback)
         self.delta: float | None = None if cfg.delta == "auto" else float(cfg.delta)
         self.pid = PIDState(integral=self.lam)
         self.engine: float | None = None
@@ -188,13 +197,14 @@ class DCMDPController:
 
     @property
     def in_warmup(self) -> bool:
-        return self.n_observed < self.cfg.warmup_steps
+        return (len(self.warmup_floors) < self.cfg.warmup_steps
+                and self.n_observed < WARMUP_LIMIT * self.cfg.warmup_steps)
 
     def _tolerance(self) -> float:
         """delta in force: explicit, resolved auto, or the provisional auto value during warm-up."""
         if self.delta is not None:
             return self.delta
-        return auto_delta(self.warmup_floors, self.cfg.auto_slack)
+        return auto_delta(self.warmup_floors or self.warmup_totals, self.cfg.auto_slack)
 
     def _update_estimates(self, stats: "DiscrepancyStats") -> None:
         floor = stats.engine
@@ -235,7 +245,10 @@ class DCMDPController:
         d = stats.total
         phase = "warmup" if self.in_warmup else "active"
         if phase == "warmup":
-            self.warmup_floors.append(stats.engine if stats.engine is not None else d)
+            if stats.engine is not None:
+                self.warmup_floors.append(stats.engine)
+            else:
+                self.warmup_totals.append(d)
         self._update_estimates(stats)
         self.n_observed += 1
         delta = self._tolerance()
@@ -252,7 +265,7 @@ class DCMDPController:
 
     def _output(self, d: float, err: float, phase: str) -> ControllerOutput:
         cfg = self.cfg
-        delta = self._tolerance() if (self.delta is not None or self.warmup_floors) else math.nan
+        delta = self._tolerance() if (self.delta is not None or self.warmup_floors or self.warmup_totals) else math.nan
         if not self.adaptive:
             beta, k = baseline_beta(cfg.mode, cfg), (0 if cfg.mode == "sync" else cfg.k_max)
         elif phase == "warmup":
@@ -271,6 +284,7 @@ class DCMDPController:
         """Plain JSON-able state for checkpoints (``json.dumps`` works on it)."""
         return {"format": STATE_FORMAT, "mode": self.cfg.mode, "n_observed": self.n_observed,
                 "lam": self.lam, "delta": self.delta, "warmup_floors": list(self.warmup_floors),
+                "warmup_totals": list(self.warmup_totals),
                 "pid": asdict(self.pid), "engine": self.engine, "kappa": self.kappa,
                 "lag_curve": [[lag, m, n] for lag, (m, n) in sorted(self.lag_curve.items())], "d_avg": self.d_avg,
                 "last": None if self.last is None else asdict(self.last)}
@@ -295,6 +309,7 @@ class DCMDPController:
         self.lam = float(state["lam"])
         self.delta = float(self.cfg.delta) if self.cfg.delta != "auto" else state["delta"]
         self.warmup_floors = [float(x) for x in state["warmup_floors"]]
+        self.warmup_totals = [float(x) for x in state.get("warmup_totals", [])]
         self.pid = PIDState(**state["pid"])
         self.engine = state["engine"]
         self.kappa = state["kappa"]

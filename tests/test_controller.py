@@ -175,6 +175,28 @@ def test_controller_auto_delta_from_warmup_engine_floor():
     assert nxt.lam == pytest.approx(0.2)
 
 
+def test_controller_warmup_averages_lag0_floors_and_skips_batches_without_lag0():
+    c = ctl.DCMDPController(_cfg(delta="auto", auto_slack=1.0, warmup_steps=2))
+    outs = [c.observe(_stats(0.05, engine=None)),  # policy lag only: not an engine floor
+            c.observe(_stats(0.02, engine=0.004)),
+            c.observe(_stats(0.07, engine=None)),
+            c.observe(_stats(0.03, engine=0.008))]
+    assert [o.phase for o in outs] == ["warmup"] * 4
+    assert outs[0].delta == pytest.approx(0.10)  # provisional, from the total while no floor exists
+    assert outs[1].delta == pytest.approx(0.008)  # the first floor replaces it
+    assert outs[-1].delta == pytest.approx(2 * 0.006)  # mean of the two lag-0 floors
+    assert c.observe(_stats(0.01, engine=0.5)).phase == "active" and c.delta == pytest.approx(0.012)
+
+
+def test_controller_warmup_without_any_lag0_ends_at_its_limit_on_totals():
+    c = ctl.DCMDPController(_cfg(delta="auto", auto_slack=1.0, warmup_steps=2))
+    limit = ctl.WARMUP_LIMIT * 2
+    outs = [c.observe(_stats(0.01 * (i + 1), engine=None)) for i in range(limit)]
+    assert [o.phase for o in outs] == ["warmup"] * limit
+    nxt = c.observe(_stats(0.01, engine=None))
+    assert nxt.phase == "active" and c.delta == pytest.approx(2 * 0.01 * (limit + 1) / 2)  # 2 x mean total
+
+
 def test_controller_auto_delta_without_lag0_uses_total():
     c = ctl.DCMDPController(_cfg(delta="auto", auto_slack=1.0))
     out = c.observe(_stats(0.01, engine=None, kappa=None))
