@@ -6,7 +6,14 @@ never import ``conftest``.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Fast warm start for tests: stop at 5% held-out accuracy (~100 steps, seconds on one core).
 FAST_TINY = ["model.tiny.warmstart_steps=400", "model.tiny.warmstart_eval_every=20",
@@ -45,3 +52,54 @@ def start_cpu_engine(loop, cfg, model_dir):
         for k, v in vllm_cpu_env(kv_cache_gb=1, threads=1).items():
             mp.setenv(k, v)
         return loop.run_until_complete(Engine.start(cfg, model_dir))
+
+
+# An actor's admission bookkeeping with nothing else: admit, then cancel (1 in 5) or send the group with its slot,
+# as fast as the ledger allows, renewing a 0.3 s lease. Prints "gave back N" once it has given back what a
+# predecessor under the same id held, as a restarted actor does first.
+LEDGER_ACTOR = r"""
+import sys, threading, time
+import numpy as np
+from buffer import ControlPlane, GroupWriter
+from buffer.synthetic import synthetic_group
+from configs.schema import RedisConfig
+
+url, actor, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = RedisConfig(url=url, connect_timeout_s=5.0)
+plane = ControlPlane(cfg)
+print("gave back", plane.give_back(actor), flush=True)
+def lease():
+    while True:
+        plane.keep_lease(actor, 0.3)
+        time.sleep(0.1)
+threading.Thread(target=lease, daemon=True).start()
+writer = GroupWriter(cfg, actor)
+rng = np.random.default_rng(seed)
+i = 0
+while True:
+    slot = plane.admit(actor)
+    if slot is None:  # at capacity: wait for the learner
+        time.sleep(0.005)
+        continue
+    if rng.random() < 0.2:
+        plane.cancel(slot)  # abandoned before it reached the writer
+    else:
+        version = plane.read_control().version  # the weights it would sample with
+        writer.send(synthetic_group(rng, f"{actor}-{seed}-{i}", n_traj=2, n_tokens=16, vocab_size=64,
+                                    version=version), slot)
+    i += 1
+"""
+
+
+def spawn_python(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code args...`` from the repo root, stdout piped (text)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` (if it still runs), reap it and close its stdout pipe."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()

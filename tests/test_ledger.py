@@ -5,11 +5,7 @@ after recovery ``produced == written`` and ``held == 0``)."""
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +14,9 @@ from buffer import ControlPlane, GroupReader, GroupWriter, admission_capacity
 from buffer.admission import ADMIT_LUA, DELIVER_LUA
 from buffer.synthetic import synthetic_group
 from configs.schema import RedisConfig
+from helpers import LEDGER_ACTOR, sigkill, spawn_python
 from protocol import Control, encode
 
-ROOT = Path(__file__).resolve().parents[1]
 ACTOR = "actor-0"
 
 
@@ -314,57 +310,18 @@ def test_a_kill_between_any_two_steps_leaks_no_slot_and_mints_none(redis_url, re
 
 # -- the same with a real process killed by SIGKILL ------------------------------------------------------------
 
-CHILD = r"""
-import sys, threading, time
-import numpy as np
-from buffer import ControlPlane, GroupWriter
-from buffer.synthetic import synthetic_group
-from configs.schema import RedisConfig
-
-url, actor, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = RedisConfig(url=url, connect_timeout_s=5.0)
-plane = ControlPlane(cfg)
-plane.give_back(actor)  # what a restarted actor does first (the test has done it already)
-def lease():
-    while True:
-        plane.keep_lease(actor, 0.3)
-        time.sleep(0.1)
-threading.Thread(target=lease, daemon=True).start()
-writer = GroupWriter(cfg, actor)
-rng = np.random.default_rng(seed)
-pool = [synthetic_group(rng, f"{actor}-{seed}-{i}", n_traj=2, n_tokens=16, actor_id=actor) for i in range(16)]
-print("ready", flush=True)
-i = 0
-while True:
-    slot = plane.admit(actor)
-    if slot is None:
-        continue
-    if rng.random() < 0.2:
-        plane.cancel(slot)
-    else:
-        writer.send(pool[i % len(pool)], slot)
-    i += 1
-"""
-
-
 def test_sigkilled_actor_process_leaks_no_slot_and_mints_none(redis_url):
     led = Ledger(redis_url, Control(version=0, max_staleness=1000, batch_groups=1000))
     rng = random.Random(1234)
     written = []
     try:
         for rnd in range(5):
-            proc = subprocess.Popen([sys.executable, "-c", CHILD, redis_url, ACTOR, str(rnd)], cwd=ROOT,
-                                    stdout=subprocess.PIPE, text=True)
+            proc = spawn_python(LEDGER_ACTOR, redis_url, ACTOR, str(rnd))
             try:
-                assert proc.stdout.readline().strip() == "ready"
+                assert proc.stdout.readline().strip() == "gave back 0"  # the test recovered already
                 time.sleep(rng.uniform(0.2, 1.0))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=10)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                proc.stdout.close()
+                sigkill(proc)
             led.assert_invariant()  # at the moment of the kill, whatever it interrupted
             if rnd % 2 == 0:
                 led.plane.give_back(ACTOR)  # restart under the same id

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -20,10 +16,10 @@ from buffer.admission import DELIVER_LUA
 from buffer.stats import collect_stats, format_stats
 from buffer.synthetic import synthetic_group
 from configs.schema import RedisConfig
+from helpers import LEDGER_ACTOR, sigkill, spawn_python
 from protocol import Control, encode
 from test_buffer import GARBAGE_REASONS, garbage_payload
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 ACTOR = "actor-0"
 
@@ -40,17 +36,6 @@ def assert_reconciles(plane: ControlPlane, **expect: int) -> dict:
     assert c["produced"] == c["consumed_admitted"] + c["queued"] + c["held"], c
     assert {k: c[k] for k in expect} == expect, c
     return c
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
-    proc.stdout.close()
 
 
 # -- (a) a garbage burst ---------------------------------------------------------------------------------------
@@ -147,13 +132,13 @@ def test_counters_reconcile_after_a_reader_is_sigkilled_holding_entries_and_anot
     assert writer.close() == 0
     assert_reconciles(plane, produced=10, queued=10, held=0)
 
-    proc = spawn(READER_CHILD, redis_url, "8", "3")
+    proc = spawn_python(READER_CHILD, redis_url, "8", "3")
     try:
         held_ids = json.loads(proc.stdout.readline())
         assert len(held_ids) == 5
         assert_reconciles(plane, produced=10, consumed_admitted=3, queued=7)
     finally:
-        kill(proc)
+        sigkill(proc)
     assert_reconciles(plane, produced=10, consumed_admitted=3, queued=7)
 
     other = GroupReader(cfg, "learner-B", vocab_size=VOCAB)
@@ -173,35 +158,6 @@ def test_counters_reconcile_after_a_reader_is_sigkilled_holding_entries_and_anot
 
 # -- (c) an actor-like writer SIGKILLed mid-production, restarted under its id -------------------------------
 
-WRITER_CHILD = r"""
-import sys, time
-import numpy as np
-from buffer import ControlPlane, GroupWriter
-from buffer.synthetic import synthetic_group
-from configs.schema import RedisConfig
-
-url, actor, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = RedisConfig(url=url, connect_timeout_s=5.0)
-plane = ControlPlane(cfg)
-print("gave back", plane.give_back(actor), flush=True)  # what a restarted actor does first
-writer = GroupWriter(cfg, actor)
-rng = np.random.default_rng(seed)
-i = 0
-while True:
-    slot = plane.admit(actor)
-    if slot is None:  # at capacity: wait for the learner
-        time.sleep(0.005)
-        continue
-    if rng.random() < 0.2:
-        plane.cancel(slot)  # abandoned before it reached the writer
-    else:
-        version = plane.read_control().version  # the weights it would sample with
-        writer.send(synthetic_group(rng, f"{actor}-{seed}-{i}", n_traj=2, n_tokens=16, vocab_size=64,
-                                    version=version), slot)
-    i += 1
-"""
-
-
 def test_counters_reconcile_after_a_writer_is_sigkilled_mid_production_and_restarted(redis_url):
     cfg = make_cfg(redis_url)
     plane = ControlPlane(cfg)
@@ -212,7 +168,7 @@ def test_counters_reconcile_after_a_writer_is_sigkilled_mid_production_and_resta
     acked = version = 0
     gave_back, produced = [], []
     for rnd in range(3):
-        proc = spawn(WRITER_CHILD, redis_url, ACTOR, str(rnd))
+        proc = spawn_python(LEDGER_ACTOR, redis_url, ACTOR, str(rnd))
         try:
             gave_back.append(int(proc.stdout.readline().split()[-1]))  # the predecessor's held slots
             deadline = time.monotonic() + rng.uniform(0.4, 0.9)
@@ -225,7 +181,7 @@ def test_counters_reconcile_after_a_writer_is_sigkilled_mid_production_and_resta
                 plane.write_control(Control(version=version, max_staleness=k, batch_groups=batch))
                 assert_reconciles(plane)  # at any instant, whatever the writer is doing
         finally:
-            kill(proc)
+            sigkill(proc)
         produced.append(assert_reconciles(plane)["produced"])  # at the moment of the kill, whatever it interrupted
     assert gave_back[0] == 0  # the first process had no predecessor
     assert produced[0] < produced[1] < produced[2]  # each process under the id produced
