@@ -65,23 +65,54 @@ def _matches(path: Path, sha256: str) -> bool:
     return path.is_file() and sha256_file(path) == sha256
 
 
+def _link_private(src: Path, dest_dir: Path) -> bool:
+    """Make ``dest_dir/model.safetensors`` this actor's own name for ``src``: a hard link (instant; the
+    learner's prune then only drops its own name), or a copy where links cannot cross filesystems. False
+    when ``src`` does not exist (not on this machine, or already pruned)."""
+    if not src.is_file():
+        return False
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".{WEIGHTS_FILE}.link-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except FileNotFoundError:
+            raise
+        except OSError:  # another filesystem, or no hard links there
+            shutil.copyfile(src, tmp)
+    except FileNotFoundError:  # pruned between the check and the link
+        tmp.unlink(missing_ok=True)
+        return False
+    os.replace(tmp, dest_dir / WEIGHTS_FILE)
+    return True
+
+
 def resolve_weights(w: WeightsReady, cache_dir: str | os.PathLike, *, chunk_bytes: int = 4 << 20,
                     timeout_s: float = 30.0) -> Path:
-    """A directory holding ``model.safetensors`` whose sha256 equals ``w.sha256``; blocking (hashes, fetches).
+    """This actor's private directory ``cache_dir/vXXXXXX`` holding a ``model.safetensors`` whose sha256 equals
+    ``w.sha256``; blocking (hashes, links, fetches).
 
-    Tried in order: the learner's directory ``w.path`` (shared filesystem); a copy fetched earlier into
-    ``cache_dir/vXXXXXX``; a fresh fetch from the learner's file server ``w.url``. Raises WeightsRefused
-    naming every reason when none gives the announced digest (e.g. a tampered file on a shared disk whose
-    server copy is tampered too).
+    The engine always loads from that private directory, never from the learner's: the learner prunes old
+    versions (``learner.keep_versions``) whenever it likes, and a file hashed in one place and loaded from
+    another could change in between. Tried in order: a verified copy already there (a restart); the
+    learner's file ``w.path`` (shared filesystem), hard-linked in (copied across filesystems) and hashed
+    there; a fresh fetch from the learner's file server ``w.url``. Raises WeightsRefused naming every reason
+    when none gives the announced digest (e.g. a tampered file on a shared disk whose server copy is tampered
+    too, or a version pruned before this actor got to it and no longer served).
     """
     reasons = []
-    local = Path(w.path) / WEIGHTS_FILE
-    if _matches(local, w.sha256):
-        return Path(w.path)
-    reasons.append(f"{local}: " + ("sha256 mismatch" if local.is_file() else "not on this machine"))
     cached_dir = Path(cache_dir) / version_dirname(w.version)
     if _matches(cached_dir / WEIGHTS_FILE, w.sha256):
         return cached_dir
+    local = Path(w.path) / WEIGHTS_FILE
+    if _link_private(local, cached_dir):
+        if _matches(cached_dir / WEIGHTS_FILE, w.sha256):
+            return cached_dir
+        (cached_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+        reasons.append(f"{local}: sha256 mismatch")
+    else:
+        reasons.append(f"{local}: not on this machine")
     if not w.url:
         raise WeightsRefused(f"weights v{w.version}: {'; '.join(reasons)}; no file server announced")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import time
 
 import pytest
@@ -38,10 +39,21 @@ def file_server(tmp_path):
     server.close()
 
 
-def test_resolve_uses_learner_dir_when_digest_matches(tmp_path):
-    w = publish_bytes(tmp_path / "learner", 3, os.urandom(1000))
-    assert resolve_weights(w, tmp_path / "cache") == version_dir(tmp_path / "learner", 3)
-    assert not (tmp_path / "cache").exists()  # nothing fetched or copied
+def test_resolve_links_the_learners_file_privately_so_a_prune_cannot_pull_it_away(tmp_path):
+    payload = os.urandom(1000)
+    w = publish_bytes(tmp_path / "learner", 3, payload)
+    got = resolve_weights(w, tmp_path / "cache")  # no file server: nothing was fetched
+    assert got == tmp_path / "cache" / version_dirname(3)
+    shutil.rmtree(version_dir(tmp_path / "learner", 3))  # the learner prunes v3 before the engine reloads
+    assert (got / WEIGHTS_FILE).read_bytes() == payload  # what was hashed is still there to load
+
+
+def test_resolve_of_a_version_pruned_before_the_actor_got_to_it_is_a_refusal_not_a_crash(tmp_path, file_server):
+    w = publish_bytes(tmp_path / "learner", 4, os.urandom(1000))
+    shutil.rmtree(version_dir(tmp_path / "learner", 4))
+    with pytest.raises(WeightsRefused, match="not on this machine.*not kept"):
+        resolve_weights(WeightsReady(version=4, path=w.path, sha256=w.sha256, url=file_server.endpoint),
+                        tmp_path / "cache")
 
 
 def test_resolve_fetches_over_zmq_when_dir_is_elsewhere(tmp_path, file_server):
