@@ -42,8 +42,8 @@ import redis
 from actors.io import IoThread, LeaseKeeper, Stopping
 from actors.weight_sync import WeightSync
 from envs import make_env, resolve_env_class
-from envs.episode import EpisodeLimits, TextCodec, run_episode
-from protocol.messages import Trajectory, TrajectoryGroup
+from envs.episode import EpisodeLimits, EpisodeTimings, TextCodec, run_episode
+from protocol.messages import ActorReport, Trajectory, TrajectoryGroup
 
 if TYPE_CHECKING:
     from configs.schema import DcrlConfig
@@ -114,6 +114,14 @@ class ActorStats:
     episodes_in_flight: int = 0
     refused_updates: int = 0
     weight_loads: list = field(default_factory=list)  # (version, seconds) per successful load
+    episodes: EpisodeTimings = field(default_factory=EpisodeTimings)  # env, tokenizer, generate seconds
+    redis_s: float = 0.0  # awaiting control-plane calls
+    idle_s: dict = field(default_factory=dict)  # no group admitted although a slot was free, by reason
+
+
+def idle_kind(reason: str) -> str:
+    """The key an idle reason is accounted under: "at staleness cap K=2" -> "staleness_cap"."""
+    return reason.split(" K=")[0].removeprefix("at ").replace(" ", "_")
 
 
 class Actor:
@@ -146,6 +154,7 @@ class Actor:
         self._episodes: asyncio.Semaphore | None = None
         self._late_admits: list[asyncio.Future] = []
         self._unstarted: list[str] = []  # slots admitted whose group has not started (weights catch-up)
+        self._started = time.monotonic()  # reset when run() starts producing (ActorReport.wall_s)
 
     # -------------------------------------------------------- public
 
@@ -167,8 +176,10 @@ class Actor:
         try:
             await self._give_back_predecessor_slots()
             await self.weights.sync(await self._redis(self.control.latest_weights))
+            self._started = time.monotonic()
             background = [asyncio.create_task(self.weights.loop(), name="weights"),
-                          asyncio.create_task(self._status_loop(), name="status")]
+                          asyncio.create_task(self._status_loop(), name="status"),
+                          asyncio.create_task(self._report_loop(), name="report")]
             self.stop_reason = await self._produce(background)
         except Stopping:
             self.stop_reason = "signal"
@@ -210,7 +221,7 @@ class Actor:
         """A control-plane call in the control thread. ControlPlane retries through outages there and gives
         up after ``redis.max_outage_s``; the actor then keeps waiting (like its writer, which never gives
         up): finished groups stay held and are delivered when Redis is back."""
-        self._redis_wait_since = time.monotonic()
+        self._redis_wait_since = t0 = time.monotonic()
         try:
             while True:
                 try:
@@ -220,6 +231,7 @@ class Actor:
                     await asyncio.sleep(self.cfg.redis.retry_backoff_max_s)
         finally:
             self._redis_wait_since = None
+            self.stats.redis_s += time.monotonic() - t0
 
     async def _give_back_predecessor_slots(self) -> None:
         """A replica restarted after a crash (same actor id) gives back the slots its predecessor had
@@ -286,8 +298,12 @@ class Actor:
                     self.idle_reason = f"at staleness cap K={ctrl.max_staleness}"
             else:
                 self.idle_reason = None
+            idle, t0 = self.idle_reason, time.monotonic()
             await asyncio.wait({*jobs, self._stop_waiter, *background}, timeout=self.cfg.actor.admission_poll_s,
                                return_when=asyncio.FIRST_COMPLETED)
+            if idle is not None:
+                kind = idle_kind(idle)
+                self.stats.idle_s[kind] = self.stats.idle_s.get(kind, 0.0) + time.monotonic() - t0
 
     async def _admit(self) -> str | None:
         """A slot from the admission ledger, or None at capacity."""
@@ -320,7 +336,7 @@ class Actor:
             self.stats.episodes_in_flight += 1
             try:
                 traj = await run_episode(self.engine, self._make_env(), job.seed, self.codec, self.limits,
-                                         f"{job.group_id}-e{i}")
+                                         f"{job.group_id}-e{i}", self.stats.episodes)
             finally:
                 self.stats.episodes_in_flight -= 1
         self.stats.episodes_done += 1
@@ -387,3 +403,17 @@ class Actor:
             now, tokens = time.monotonic(), self.engine.generated_tokens
             log.info(self.status_line((tokens - last_tokens) / max(now - last_t, 1e-9)))
             last_tokens, last_t = tokens, now
+
+    def report(self) -> ActorReport:
+        """Where this actor's time went since it started producing (cumulative; see protocol.ActorReport)."""
+        e = self.stats.episodes
+        return ActorReport(actor_id=self.actor_id, wall_s=time.monotonic() - self._started,
+                           engine_busy_s=self.engine.busy_s, env_s=e.env_s, tokenize_s=e.tokenize_s,
+                           generate_s=e.generate_s, redis_s=self.stats.redis_s,
+                           reload_s=sum(s for _, s in self.stats.weight_loads), idle_s=dict(self.stats.idle_s),
+                           generated_tokens=self.engine.generated_tokens, groups_sent=self.stats.groups_sent)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.actor.report_interval_s)
+            await self._redis(self.control.report_actor, self.report())

@@ -194,6 +194,9 @@ class Engine:
                  version: int = 0):
         self.llm = llm
         self.tag = tag
+        self._in_flight = 0  # requests in the engine now (see busy_s)
+        self._busy_since = 0.0
+        self._busy_s = 0.0
         self.temperature = temperature
         self.top_p = top_p
         self.clear_cache_on_reload = clear_cache_on_reload
@@ -258,9 +261,13 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         final = None
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(context)),
-                                           self.sampling_params(max_tokens, ignore_eos), request_id):
-            final = out
+        self._enter_request()
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(context)),
+                                               self.sampling_params(max_tokens, ignore_eos), request_id):
+                final = out
+        finally:
+            self._leave_request()
         if final is None:
             raise RuntimeError(f"vLLM request {request_id} ended without an output")
         c = final.outputs[0]
@@ -270,6 +277,21 @@ class Engine:
         versions = spans_to_versions(c.weight_versions, len(ids)).tolist()
         self.generated_tokens += len(ids)
         return TurnOutput(ids, lps, versions, stopped=c.finish_reason == "stop")
+
+    def _enter_request(self) -> None:
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+
+    def _leave_request(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._busy_s += time.perf_counter() - self._busy_since
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds during which at least one request was in the engine (running, queued or paused)."""
+        return self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
 
     async def load_weights(self, weights_dir: str | os.PathLike, version: int) -> float:
         """Serve ``weights_dir/model.safetensors`` as ``version``; returns the pause-to-resume seconds.

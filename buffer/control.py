@@ -32,7 +32,7 @@ from __future__ import annotations
 import secrets
 
 from configs.schema import RedisConfig
-from protocol import Control, WeightsReady, decode, encode
+from protocol import ActorReport, Control, ProtocolError, WeightsReady, decode, encode
 
 from buffer.admission import (ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity,
                               ledger_reconciles)
@@ -104,6 +104,20 @@ class ControlPlane:
             return int(self._retry.call(self.client.hlen, self.keys.held))
         owner = actor_id.encode()
         return sum(v == owner for v in self._retry.call(self.client.hvals, self.keys.held))
+
+    def report_actor(self, report: ActorReport) -> None:
+        """Store an actor's latest time breakdown (actors, every ``actor.report_interval_s``)."""
+        self._retry.call(self.client.hset, self.keys.actors, report.actor_id, encode(report))
+
+    def actor_reports(self) -> list[ActorReport]:
+        """Every actor's latest report; malformed ones are skipped (the learner's metrics must not fail on them)."""
+        out = []
+        for raw in self._retry.call(self.client.hvals, self.keys.actors):
+            try:
+                out.append(decode(raw, ActorReport))
+            except ProtocolError:
+                continue
+        return out
 
     def keep_lease(self, actor_id: str, lease_s: float) -> None:
         """Renew ``actor_id``'s liveness lease for ``lease_s`` seconds (actors, every ``lease_s / 3``)."""

@@ -78,6 +78,12 @@ class Keys:
         DEAD_LETTER_LUA; read by ``ControlPlane.counters``."""
         return f"{self.prefix}:dead_count"
 
+    @property
+    def actors(self) -> str:
+        """Hash: field actor id = encode(ActorReport), written by each actor every ``actor.report_interval_s``,
+        read by the learner for the actor-side time breakdown of its metrics."""
+        return f"{self.prefix}:actors"
+
     def lease(self, actor_id: str) -> str:
         """An actor's liveness lease, with a TTL: set by the actor (``ControlPlane.keep_lease``, every lease_s / 3;
         deleted by ``drop_lease`` on a clean exit). While it exists, the slots of ``held`` whose value is
@@ -87,4 +93,4 @@ class Keys:
     def all(self) -> tuple[str, ...]:
         """Every key of the run but the leases (they expire), for ``ControlPlane.reset``."""
         return (self.traj, self.dead, self.control, self.produced, self.held, self.delivered, self.consumed,
-                self.consumed_admitted, self.dead_count)
+                self.consumed_admitted, self.dead_count, self.actors)

@@ -154,6 +154,8 @@ class ActorConfig(_Strict):
     """GPU index; default: the replica index (honcho/ray) modulo visible GPUs."""
     weights_cache_dir: str = "runs/actor_weights"
     """Where weights fetched over ZMQ are written (actors without the learner's filesystem)."""
+    report_interval_s: float = Field(2.0, gt=0)
+    """How often the actor stores its time breakdown (protocol.ActorReport) for the learner's metrics."""
     status_interval_s: float = Field(10.0, gt=0)
     max_groups: int | None = Field(None, ge=1)
     """Stop after this many groups (None: run until the learner says stop or SIGTERM)."""

@@ -24,6 +24,7 @@ Truncated episodes are returned like any other: dropping them would bias the bat
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -143,10 +144,29 @@ class TextCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeLimits, request_id: str) -> Trajectory:
+@dataclass
+class EpisodeTimings:
+    """Seconds an actor's episodes spent, summed over episodes (they overlap in wall time): in the environment
+    (``reset``/``step``), turning text into tokens and back, and waiting for the engine's turns."""
+
+    env_s: float = 0.0
+    tokenize_s: float = 0.0
+    generate_s: float = 0.0
+
+
+async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeLimits, request_id: str,
+                      timings: EpisodeTimings | None = None) -> Trajectory:
     """Play one episode of ``env`` (reset with ``seed``) with ``engine``; see the module docstring for the
-    layout and finish reasons. ``engine`` needs ``generate(context, max_tokens, request_id) -> TurnOutput``."""
-    first = codec.encode(env.reset(seed))
+    layout and finish reasons. ``engine`` needs ``generate(context, max_tokens, request_id) -> TurnOutput``.
+    ``timings``, when given, accumulates where the episode's time went."""
+    t = timings if timings is not None else EpisodeTimings()
+    clock = time.perf_counter
+    t0 = clock()
+    text = env.reset(seed)
+    t1 = clock()
+    first = codec.encode(text)
+    t.env_s += t1 - t0
+    t.tokenize_s += clock() - t1
     if len(first) >= limits.max_seq_len:
         raise ValueError(f"first observation is {len(first)} tokens: no room to generate within "
                          f"model.max_seq_len={limits.max_seq_len}")
@@ -163,16 +183,25 @@ async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeL
         if budget <= 0:
             reason = "token_limit"
             break
+        t0 = clock()
         turn = await engine.generate(toks.ids, budget, f"{request_id}-t{turns}")
+        t.generate_s += clock() - t0
         toks.add_turn(turn.token_ids, turn.logprobs, turn.versions)
         turns += 1
         action_ids = turn.token_ids[:-1] if turn.stopped else turn.token_ids
-        result = env.step(codec.decode(action_ids))
+        t0 = clock()
+        action = codec.decode(action_ids)
+        t1 = clock()
+        result = env.step(action)
+        t2 = clock()
+        t.tokenize_s += t1 - t0
+        t.env_s += t2 - t1
         if result.done:
             reward = float(result.reward)
             reason = "stop" if turn.stopped else "length"
             break
         obs = codec.encode(result.observation)
+        t.tokenize_s += clock() - t2
         room = episode_room(limits, len(toks), prompt_len)
         if len(obs) > room:
             toks.add_observation(obs[:max(room, 0)])

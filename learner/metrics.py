@@ -191,15 +191,32 @@ def lag_share(rows: list[dict]) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+TIME_PHASES = ("time/wait_for_data_s", "time/prox_s", "time/controller_s", "time/forward_backward_s",
+               "time/optimizer_s", "time/publish_s", "time/checkpoint_s")
+"""The learner's step-time breakdown, in the order of a step (the report stacks them)."""
+
+
+def moving_mean(xs: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values."""
+    out, total = [], 0.0
+    for i, x in enumerate(xs):
+        total += x
+        if i >= window:
+            total -= xs[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
     """Write the run's summary figure: reward, discrepancy (engine floor vs lag part), lambda,
-    staleness (cap K and measured lag) and the masked-token fraction, each over learner steps."""
+    staleness (cap K and measured lag), the masked-token fraction, the learner's step time by phase
+    (stacked, 20-step moving mean) and the actors' time fractions, each over learner steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(5, 1, figsize=(8, 13), sharex=True)
+    fig, axes = plt.subplots(7, 1, figsize=(8, 18), sharex=True)
     ax = axes[0]
     xs, mean = _series(rows, "reward/mean")
     _, std = _series(rows, "reward/std")
@@ -232,6 +249,19 @@ def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
     ax = axes[4]
     ax.plot(*_series(rows, "is/masked_frac"), label="masked fraction")
     ax.set_ylabel("IS masked")
+
+    ax = axes[5]
+    phases = [k for k in TIME_PHASES if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if phases:
+        xs = [r["step"] for r in rows]
+        ys = [moving_mean([float(r.get(k) or 0.0) for r in rows], 20) for k in phases]
+        ax.stackplot(xs, *ys, labels=[k.removeprefix("time/").removesuffix("_s") for k in phases], alpha=0.8)
+    ax.set_ylabel("seconds per step")
+
+    ax = axes[6]
+    for k in sorted({k for r in rows for k in r if k.startswith("actor/") and k.endswith("_frac")}):
+        ax.plot(*_series(rows, k), label=k.removeprefix("actor/").removesuffix("_frac"))
+    ax.set_ylabel("actor time fraction")
     ax.set_xlabel("learner step")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from configs.schema import DcrlConfig
+    from protocol.messages import ActorReport
 
 log = logging.getLogger("dcrl.learner")
 
@@ -187,6 +188,51 @@ def stale_cap(cfg: "DcrlConfig") -> int:
     return ceiling + cfg.learner.publish_every - 1
 
 
+class Laps:
+    """Named lap times of one training step: ``lap("prox")`` charges the time since the previous lap (or the
+    start) to "prox". On CUDA each lap waits for the device first (one synchronisation per phase, a handful
+    per step), so that the time lands on the phase that launched the kernels."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", "") == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def actor_time_fractions(before: dict[str, "ActorReport"], now: list["ActorReport"]) -> dict[str, float]:
+    """The actor-side time breakdown between two sets of ActorReports, averaged over the actors that reported
+    since ``before``: fractions of each actor's wall time (engine busy, redis, weight reload, idle by reason)
+    and shares of its episodes' time (env, tokenizer, generate). Empty when no actor reported anew."""
+    fracs: dict[str, list[float]] = {}
+    for r in now:
+        b = before.get(r.actor_id)
+        if b is None or r.wall_s <= b.wall_s:
+            continue
+        wall = r.wall_s - b.wall_s
+        add = lambda k, v: fracs.setdefault(k, []).append(v)  # noqa: E731
+        add("actor/engine_busy_frac", (r.engine_busy_s - b.engine_busy_s) / wall)
+        add("actor/redis_frac", (r.redis_s - b.redis_s) / wall)
+        add("actor/reload_frac", (r.reload_s - b.reload_s) / wall)
+        for kind in set(r.idle_s) | set(b.idle_s):
+            add(f"actor/idle_{kind}_frac", (r.idle_s.get(kind, 0.0) - b.idle_s.get(kind, 0.0)) / wall)
+        episode = {"env": r.env_s - b.env_s, "tokenize": r.tokenize_s - b.tokenize_s,
+                   "generate": r.generate_s - b.generate_s}
+        total = sum(episode.values())
+        if total > 0:
+            for k, v in episode.items():
+                add(f"actor/episode_{k}_frac", v / total)
+    return {k: sum(v) / len(v) for k, v in fracs.items()}
+
+
 def nan_if_none(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
@@ -226,6 +272,7 @@ class Learner:
         self.unacked: list[str] = []
         self.last_out = controller.initial_output()
         self.last_checkpoint_step = step
+        self.actor_reports: dict[str, "ActorReport"] = {}  # latest ActorReport per actor, for the time breakdown
 
     # -- control plane
 
@@ -299,12 +346,14 @@ class Learner:
         adv_tok = batch.advantages.to(dev)[:, None].expand_as(logp_mu)
         mbs = micro_batches(batch.lengths, cfg.micro_batch)
 
+        lap = Laps(dev)
         # pi_prox: the weights at the start of the step, no grad (decoupled PPO's proximal policy).
         self.model.eval()
         logp_prox = torch.zeros_like(logp_mu)
         with torch.no_grad():
             for s, e, w in mbs:
                 logp_prox[s:e, :w] = forward_logprobs(self.model, tokens[s:e, :w])
+        lap("prox")
 
         stats = summarize(logp_prox.flatten(), logp_mu.flatten(), lag.flatten(), mask.flatten(), ccfg.metric)
         out = self.controller.observe(stats)
@@ -312,6 +361,7 @@ class Learner:
                                             ccfg.metric)
         n_tokens_total = int(stats.n_tokens)
         seq_index = torch.arange(tokens.shape[0], device=dev)[:, None].expand_as(tokens)
+        lap("controller")
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -327,8 +377,10 @@ class Learner:
                 seq_index=(seq_index[sl] - s).flatten())
             loss.backward()
             parts.append(m)
+        lap("forward_backward")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        lap("optimizer")
         self.version += 1
         self.step += 1
         lm = reduce_loss_metrics(parts)
@@ -363,6 +415,7 @@ class Learner:
             "batch/groups": batch.n_groups, "batch/trajectories": len(batch.lengths),
             "tokens/generated": n_gen, "tokens/total": int(sum(batch.lengths)),
             "time/step_s": step_s,
+            **{f"time/{k}_s": v for k, v in lap.seconds.items()},
         }
         return StepResult(row=row, out=out)
 
@@ -386,6 +439,7 @@ class Learner:
         """Train until ``learner.steps``, checkpoint, write Control(stop=True), write the report."""
         cfg = self.cfg.learner
         t_start = time.monotonic()
+        checkpoint_s = 0.0
         while self.step < cfg.steps:
             stale0, dead0 = self.reader.stale, self.reader.dead
             entries, wait_s = self.collect()
@@ -407,14 +461,21 @@ class Learner:
             row["buffer/stale_groups"] = stale  # dead-lettered as stale while collecting this step's batch
             row["buffer/dead_groups"] = dead  # all dead letters while collecting it (stale ones included)
             row["time/elapsed_s"] = time.monotonic() - t_start  # since this process started training
+            row["time/checkpoint_s"] = checkpoint_s  # the previous step's checkpoint (it runs after the row is written)
+            reports = self.control.actor_reports()
+            row.update(actor_time_fractions(self.actor_reports, reports))
+            self.actor_reports = {r.actor_id: r for r in reports}  # a restarted actor's first pair is skipped
             row["throughput/tokens_per_s"] = row["tokens/generated"] / max(wait_s + row["time/step_s"], 1e-9)
             row["throughput/learner_tokens_per_s"] = row["tokens/total"] / max(row["time/step_s"], 1e-9)
             self.metrics.log(row)
             if cfg.crash_after_step is not None and self.step == cfg.crash_after_step:
                 log.warning("learner.crash_after_step=%d: SIGKILL before the checkpoint (test hook)", self.step)
                 os.kill(os.getpid(), signal.SIGKILL)
+            checkpoint_s = 0.0
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                t0 = time.perf_counter()
                 self.checkpoint()
+                checkpoint_s = time.perf_counter() - t0
         if self.last_checkpoint_step != self.step:
             self.checkpoint()
         self.write_control(self.last_out, stop=True)

@@ -1,6 +1,7 @@
 """dcrl wire protocol: msgspec Structs, msgpack encoding, one ProtocolError for every bad input."""
 
 from protocol.messages import (
+    ActorReport,
     ChunkHeader,
     FetchChunk,
     Control,
@@ -19,6 +20,7 @@ from protocol.messages import (
 from protocol.vocab import FINISH_REASONS
 
 __all__ = [
+    "ActorReport",
     "ChunkHeader",
     "FetchChunk",
     "FINISH_REASONS",

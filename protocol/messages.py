@@ -135,6 +135,27 @@ class Control(msgspec.Struct, kw_only=True, frozen=True):
     stop: bool = False  # learner finished: actors drain and exit
 
 
+# Actor -> learner (the hash <prefix>:actors, field = actor id), every actor.report_interval_s
+class ActorReport(msgspec.Struct, kw_only=True, frozen=True):
+    """Where one actor's time went since it started: cumulative seconds, so that the learner turns two
+    reports into fractions of the wall time between them (``learner.trainer.actor_time_fractions``).
+
+    Episode seconds (env, tokenize, generate) are summed over concurrent episodes and can exceed the wall
+    time; engine busy, redis, reload and idle seconds are wall time of the actor process."""
+
+    actor_id: str
+    wall_s: float  # since the actor started producing
+    engine_busy_s: float  # at least one request in the engine
+    env_s: float = 0.0  # in env.reset / env.step, summed over episodes
+    tokenize_s: float = 0.0  # text <-> token ids, summed over episodes
+    generate_s: float = 0.0  # awaiting the engine's turns, summed over episodes
+    redis_s: float = 0.0  # control-plane calls (admission, control, weights announcements)
+    reload_s: float = 0.0  # weight updates, pause to resume
+    idle_s: dict[str, float] = {}  # no new group admitted, by reason ("staleness_cap", "waiting_for_learner", ...)
+    generated_tokens: int = 0
+    groups_sent: int = 0
+
+
 # Actor -> learner weight file server (ZMQ DEALER -> ROUTER), for actors without the learner's filesystem.
 class FetchChunk(msgspec.Struct, kw_only=True, frozen=True):
     """Ask for ``size`` bytes at ``offset`` of model.safetensors of ``version``."""
@@ -183,7 +204,8 @@ class TransferReply(msgspec.Struct, kw_only=True, frozen=True):
     shapes: list[list[int]] = []
 
 
-_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control, FetchChunk, ChunkHeader, TransferRequest, TransferReply)
+_MESSAGE_TYPES = (TrajectoryGroup, WeightsReady, Control, ActorReport, FetchChunk, ChunkHeader, TransferRequest,
+                  TransferReply)
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(t) for t in _MESSAGE_TYPES}
 
