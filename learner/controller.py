@@ -121,11 +121,13 @@ WARMUP_LIMIT = 4
 """Warm-up ends after this many times ``controller.warmup_steps`` observations even if too few held lag-0 tokens."""
 
 
-def auto_delta(engine_floors: list[float], slack: float) -> float:
-    """delta = (1 + slack) * mean of the engine floors measured during warm-up.
+def auto_delta(engine_floors: list[float], slack: float, weights: list[float] | None = None) -> float:
+    """delta = (1 + slack) * the mean of the engine floors measured during warm-up, weighted by ``weights``
+    (the lag-0 token count behind each floor) when given.
 
     A zero floor (actor and learner bit-identical) leaves no tolerance to normalise by: ValueError."""
-    delta = (1.0 + slack) * sum(engine_floors) / len(engine_floors)
+    w = weights if weights is not None else [1.0] * len(engine_floors)
+    delta = (1.0 + slack) * sum(f * x for f, x in zip(engine_floors, w)) / sum(w)
     if not delta > 0:
         raise ValueError(f"controller.delta = 'auto' measured an engine floor of {delta / (1.0 + slack)!r}; "
                          "set controller.delta explicitly")
@@ -161,14 +163,15 @@ class ControllerOutput:
 class DCMDPController:
     """Turns each step's DiscrepancyStats into lambda, beta(lambda) and K(lambda).
 
-    Warm-up: the engine floor is measured over ``warmup_steps`` observations that hold lag-0 tokens (the
-    lag-0 mean D of each); observations without lag-0 tokens do not count, and their total D is kept only as
-    a fallback for when none of the first ``WARMUP_LIMIT x warmup_steps`` observations has a lag-0 token.
-    (Measured on the tiny preset: the lag-0 D of single batches ranges 0.002-0.008 around a median of 0.0035,
-    so a one-batch floor moved delta by 2x from run to run, and the throttle's K with it; a total D would
-    also count policy lag as engine mismatch.) With ``delta = "auto"`` the tolerance becomes
-    (1 + auto_slack) * the mean floor when warm-up ends (provisional before). During
-    warm-up lambda stays at ``lambda_init``, K = K_max and the dual does not move: with no tolerance
+    Warm-up: the engine floor is measured over ``warmup_steps`` observations that hold lag-0 tokens, as the
+    token-weighted mean of their lag-0 D. The adaptive controller runs warm-up synchronously (K = 0), so every
+    warm-up batch is all lag 0 and the floor is measured on whole batches; observations without lag-0 tokens
+    (a backlog from before a restart) do not count, and their total D is kept only as a fallback for when
+    none of the first ``WARMUP_LIMIT x warmup_steps`` observations has one. (Measured on the tiny preset:
+    the lag-0 D of single batches ranges 0.002-0.008 around a median of 0.0035, so a one-batch floor moved
+    delta by 2x from run to run, and the throttle's K and the wall time with it.) With ``delta = "auto"``
+    the tolerance becomes (1 + auto_slack) * that floor when warm-up ends (provisional before). During
+    warm-up lambda stays at ``lambda_init``, K = 0 and the dual does not move: with no tolerance
     yet there is no violation to react to. The dual updates start with the next observation, from
     lambda_init (the PID integral starts there too).
 
@@ -186,6 +189,7 @@ class DCMDPController:
         self.n_observed = 0
         self.lam = cfg.lambda_init if self.adaptive else 0.0
         self.warmup_floors: list[float] = []
+        self.warmup_weights: list[float] = []  # lag-0 tokens behind each warm-up floor
         self.warmup_totals: list[float] = []  # total D of warm-up observations without lag-0 tokens (fallback)
         self.delta: float | None = None if cfg.delta == "auto" else float(cfg.delta)
         self.pid = PIDState(integral=self.lam)
@@ -204,7 +208,9 @@ class DCMDPController:
         """delta in force: explicit, resolved auto, or the provisional auto value during warm-up."""
         if self.delta is not None:
             return self.delta
-        return auto_delta(self.warmup_floors or self.warmup_totals, self.cfg.auto_slack)
+        if self.warmup_floors:
+            return auto_delta(self.warmup_floors, self.cfg.auto_slack, self.warmup_weights)
+        return auto_delta(self.warmup_totals, self.cfg.auto_slack)
 
     def _update_estimates(self, stats: "DiscrepancyStats") -> None:
         floor = stats.engine
@@ -247,6 +253,7 @@ class DCMDPController:
         if phase == "warmup":
             if stats.engine is not None:
                 self.warmup_floors.append(stats.engine)
+                self.warmup_weights.append(float(stats.by_lag.get(0, (0.0, 1))[1]) or 1.0)
             else:
                 self.warmup_totals.append(d)
         self._update_estimates(stats)
@@ -268,8 +275,8 @@ class DCMDPController:
         delta = self._tolerance() if (self.delta is not None or self.warmup_floors or self.warmup_totals) else math.nan
         if not self.adaptive:
             beta, k = baseline_beta(cfg.mode, cfg), (0 if cfg.mode == "sync" else cfg.k_max)
-        elif phase == "warmup":
-            beta, k = beta_of_lambda(self.lam, cfg.beta_max, cfg.beta_min), cfg.k_max
+        elif phase == "warmup":  # synchronous: the floor is measured on all-lag-0 batches
+            beta, k = beta_of_lambda(self.lam, cfg.beta_max, cfg.beta_min), 0
         else:
             beta = beta_of_lambda(self.lam, cfg.beta_max, cfg.beta_min)
             k = staleness_cap(self.lam, delta, self.engine, self.kappa, cfg.k_min, cfg.k_max)
@@ -284,7 +291,7 @@ class DCMDPController:
         """Plain JSON-able state for checkpoints (``json.dumps`` works on it)."""
         return {"format": STATE_FORMAT, "mode": self.cfg.mode, "n_observed": self.n_observed,
                 "lam": self.lam, "delta": self.delta, "warmup_floors": list(self.warmup_floors),
-                "warmup_totals": list(self.warmup_totals),
+                "warmup_totals": list(self.warmup_totals), "warmup_weights": list(self.warmup_weights),
                 "pid": asdict(self.pid), "engine": self.engine, "kappa": self.kappa,
                 "lag_curve": [[lag, m, n] for lag, (m, n) in sorted(self.lag_curve.items())], "d_avg": self.d_avg,
                 "last": None if self.last is None else asdict(self.last)}
@@ -310,6 +317,7 @@ class DCMDPController:
         self.delta = float(self.cfg.delta) if self.cfg.delta != "auto" else state["delta"]
         self.warmup_floors = [float(x) for x in state["warmup_floors"]]
         self.warmup_totals = [float(x) for x in state.get("warmup_totals", [])]
+        self.warmup_weights = [float(x) for x in state.get("warmup_weights", [1.0] * len(self.warmup_floors))]
         self.pid = PIDState(**state["pid"])
         self.engine = state["engine"]
         self.kappa = state["kappa"]

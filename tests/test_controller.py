@@ -96,7 +96,7 @@ def test_staleness_cap_without_slope_is_k_max_at_zero_lambda_and_shrinks():
 def test_controller_above_delta_raises_lambda_tightens_beta_lowers_k(dual):
     c = ctl.DCMDPController(_cfg(dual=dual))
     outs = [c.observe(_stats(2 * DELTA)) for _ in range(12)]
-    assert outs[0].phase == "warmup" and outs[0].lam == 0.1 and outs[0].k == 4
+    assert outs[0].phase == "warmup" and outs[0].lam == 0.1 and outs[0].k == 0  # warm-up runs synchronously
     active = outs[1:]
     assert all(o.phase == "active" and o.err == pytest.approx(1.0) for o in active)
     lams = [o.lam for o in active]
@@ -167,7 +167,7 @@ def test_controller_auto_delta_from_warmup_engine_floor():
     floors = [0.010, 0.020, 0.030]
     outs = [c.observe(_stats(5 * f, engine=f)) for f in floors]
     assert [o.phase for o in outs] == ["warmup"] * 3
-    assert all(o.lam == 0.2 and o.k == 4 for o in outs)
+    assert all(o.lam == 0.2 and o.k == 0 for o in outs)
     assert outs[0].delta == pytest.approx(0.015)  # provisional, from the first floor only
     assert outs[-1].delta == pytest.approx(1.5 * 0.02)
     nxt = c.observe(_stats(0.03, engine=0.5))  # a later floor no longer moves delta
@@ -186,6 +186,14 @@ def test_controller_warmup_averages_lag0_floors_and_skips_batches_without_lag0()
     assert outs[1].delta == pytest.approx(0.008)  # the first floor replaces it
     assert outs[-1].delta == pytest.approx(2 * 0.006)  # mean of the two lag-0 floors
     assert c.observe(_stats(0.01, engine=0.5)).phase == "active" and c.delta == pytest.approx(0.012)
+
+
+def test_controller_warmup_floor_is_weighted_by_lag0_tokens():
+    c = ctl.DCMDPController(_cfg(delta="auto", auto_slack=0.0, warmup_steps=2))
+    c.observe(_stats(0.004, engine=0.004, n=100))  # 50 lag-0 tokens
+    c.observe(_stats(0.010, engine=0.010, n=20))  # 10 lag-0 tokens
+    assert c.observe(_stats(0.01)).phase == "active"
+    assert c.delta == pytest.approx((0.004 * 50 + 0.010 * 10) / 60)
 
 
 def test_controller_warmup_without_any_lag0_ends_at_its_limit_on_totals():
@@ -213,7 +221,7 @@ def test_controller_measured_stats_end_to_end():
     stats = summarize(logp_prox, logp_mu, lag, torch.ones(n, dtype=torch.bool), "abs_prob")
     c = ctl.DCMDPController(_cfg(delta="auto", auto_slack=0.5, k_max=8))
     first = c.observe(stats)
-    assert first.k == 8 and first.delta == pytest.approx(1.5 * stats.engine)
+    assert first.k == 0 and first.delta == pytest.approx(1.5 * stats.engine)
     out = c.observe(stats)  # total D is far above 1.5x the lag-0 floor
     assert out.err > 0 and out.lam > 0.1
     assert out.kappa == pytest.approx(stats.kappa) and stats.kappa > 0
@@ -263,7 +271,7 @@ def test_controller_empty_observation_changes_nothing():
 
 def test_controller_initial_output_before_any_observation():
     out = ctl.DCMDPController(_cfg(delta="auto")).initial_output()
-    assert out.k == 4 and out.lam == 0.1 and out.phase == "warmup" and math.isnan(out.delta)
+    assert out.k == 0 and out.lam == 0.1 and out.phase == "warmup" and math.isnan(out.delta)
 
 
 def test_controller_throttle_estimates_are_smoothed_and_kept():
