@@ -24,8 +24,12 @@ import json
 import math
 import os
 import secrets
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protocol.messages import ActorReport
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.png"
@@ -146,6 +150,51 @@ class MetricsLogger:
             self._wandb_run = None
         if not self._file.closed:
             self._file.close()
+
+
+class Laps:
+    """Named lap times of one training step: ``lap("prox")`` charges the time since the previous lap (or the
+    start) to "prox". On CUDA each lap waits for the device first (one synchronisation per phase, a handful
+    per step), so that the time lands on the phase that launched the kernels."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", "") == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def actor_time_fractions(before: dict[str, "ActorReport"], now: list["ActorReport"]) -> dict[str, float]:
+    """The actor-side time breakdown between two sets of ActorReports, averaged over the actors that reported
+    since ``before``: fractions of each actor's wall time (engine busy, redis, weight reload, idle by reason)
+    and shares of its episodes' time (env, tokenizer, generate). Empty when no actor reported anew."""
+    fracs: dict[str, list[float]] = {}
+    for r in now:
+        b = before.get(r.actor_id)
+        if b is None or r.wall_s <= b.wall_s:
+            continue
+        wall = r.wall_s - b.wall_s
+        add = lambda k, v: fracs.setdefault(k, []).append(v)  # noqa: E731
+        add("actor/engine_busy_frac", (r.engine_busy_s - b.engine_busy_s) / wall)
+        add("actor/redis_frac", (r.redis_s - b.redis_s) / wall)
+        add("actor/reload_frac", (r.reload_s - b.reload_s) / wall)
+        for kind in set(r.idle_s) | set(b.idle_s):
+            add(f"actor/idle_{kind}_frac", (r.idle_s.get(kind, 0.0) - b.idle_s.get(kind, 0.0)) / wall)
+        episode = {"env": r.env_s - b.env_s, "tokenize": r.tokenize_s - b.tokenize_s,
+                   "generate": r.generate_s - b.generate_s}
+        total = sum(episode.values())
+        if total > 0:
+            for k, v in episode.items():
+                add(f"actor/episode_{k}_frac", v / total)
+    return {k: sum(v) / len(v) for k, v in fracs.items()}
 
 
 def _init_wandb(run_dir: Path, mode: str, project: str, name: str, config: dict):

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from learner import checkpoint as ckpt_io
-from learner.metrics import METRICS_FILE, REPORT_FILE, MetricsLogger, truncate_metrics, write_report
+from learner.metrics import (METRICS_FILE, REPORT_FILE, Laps, MetricsLogger, actor_time_fractions, truncate_metrics,
+                             write_report)
 from protocol.messages import Control
 from protocol.vocab import TRUNCATED_FINISH_REASONS
 
@@ -186,51 +187,6 @@ def stale_cap(cfg: "DcrlConfig") -> int:
     ccfg = cfg.controller
     ceiling = 0 if ccfg.mode == "sync" else 2 * ccfg.k_max
     return ceiling + cfg.learner.publish_every - 1
-
-
-class Laps:
-    """Named lap times of one training step: ``lap("prox")`` charges the time since the previous lap (or the
-    start) to "prox". On CUDA each lap waits for the device first (one synchronisation per phase, a handful
-    per step), so that the time lands on the phase that launched the kernels."""
-
-    def __init__(self, device):
-        self.cuda = getattr(device, "type", "") == "cuda"
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
-        self._t = now
-
-
-def actor_time_fractions(before: dict[str, "ActorReport"], now: list["ActorReport"]) -> dict[str, float]:
-    """The actor-side time breakdown between two sets of ActorReports, averaged over the actors that reported
-    since ``before``: fractions of each actor's wall time (engine busy, redis, weight reload, idle by reason)
-    and shares of its episodes' time (env, tokenizer, generate). Empty when no actor reported anew."""
-    fracs: dict[str, list[float]] = {}
-    for r in now:
-        b = before.get(r.actor_id)
-        if b is None or r.wall_s <= b.wall_s:
-            continue
-        wall = r.wall_s - b.wall_s
-        add = lambda k, v: fracs.setdefault(k, []).append(v)  # noqa: E731
-        add("actor/engine_busy_frac", (r.engine_busy_s - b.engine_busy_s) / wall)
-        add("actor/redis_frac", (r.redis_s - b.redis_s) / wall)
-        add("actor/reload_frac", (r.reload_s - b.reload_s) / wall)
-        for kind in set(r.idle_s) | set(b.idle_s):
-            add(f"actor/idle_{kind}_frac", (r.idle_s.get(kind, 0.0) - b.idle_s.get(kind, 0.0)) / wall)
-        episode = {"env": r.env_s - b.env_s, "tokenize": r.tokenize_s - b.tokenize_s,
-                   "generate": r.generate_s - b.generate_s}
-        total = sum(episode.values())
-        if total > 0:
-            for k, v in episode.items():
-                add(f"actor/episode_{k}_frac", v / total)
-    return {k: sum(v) / len(v) for k, v in fracs.items()}
 
 
 def nan_if_none(x: float | None) -> float:

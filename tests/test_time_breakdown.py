@@ -8,7 +8,7 @@ import pytest
 
 from buffer import ControlPlane
 from configs.schema import RedisConfig
-from learner.trainer import Laps, actor_time_fractions
+from learner.metrics import Laps, actor_time_fractions
 from protocol import ActorReport, decode, encode
 
 
