@@ -305,6 +305,8 @@ def plot_report(rows: list[dict], out_png: str | os.PathLike) -> Path:
         xs = [r["step"] for r in rows]
         ys = [moving_mean([float(r.get(k) or 0.0) for r in rows], 20) for k in phases]
         ax.stackplot(xs, *ys, labels=[k.removeprefix("time/").removesuffix("_s") for k in phases], alpha=0.8)
+        totals = sorted(sum(col) for col in zip(*ys))
+        ax.set_ylim(0, 1.5 * totals[int(0.95 * (len(totals) - 1))] or None)  # the first steps wait for vLLM to start
     ax.set_ylabel("seconds per step")
 
     ax = axes[6]
