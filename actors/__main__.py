@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     from configs.schema import config_from_args
 
     cfg = config_from_args(args)
+    from envs import EnvError, make_env
+
+    try:  # before Redis, the model or vLLM (tens of seconds): a bad env is a config error
+        make_env(cfg.env.name, cfg.env.kwargs)
+    except EnvError as e:
+        print(f"error: env.name / env.kwargs: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # vLLM's per-request INFO lines would drown the status line; its warnings stay visible.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from envs.episode import EpisodeLimits, TokenLog, episode_room, turn_budget
 from actors.actor import group_seed, groups_in_flight_limit, replica_index, resolve_actor_id
 from actors.engine import engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
+from buffer.server import free_port
 from configs.schema import load_config
 from protocol.messages import decode_group, encode, TrajectoryGroup
 
@@ -144,6 +146,18 @@ def test_actor_cli_help_is_fast_and_imports_no_engine():
                             "actors.weight_sync, envs.episode, tiny.build; print(sorted(m for m in ('torch', 'vllm', 'transformers') "
                             "if m in sys.modules))"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "[]", probe.stderr
+
+
+@pytest.mark.parametrize("override, culprit", [("env.name=nope", "'nope'"),
+                                               ("env.kwargs={digits=2, colour=1}", "colour")])
+def test_actor_cli_bad_env_fails_before_redis_model_or_vllm(override, culprit):
+    env = {**os.environ, "DCRL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "actors", "--set", override], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "env.name / env.kwargs" in out.stderr and culprit in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert time.monotonic() - t0 < 10  # not after a 30 s Redis timeout or a vLLM start
 
 
 def test_actor_cli_bad_config_names_field():
