@@ -23,14 +23,14 @@ if TYPE_CHECKING:
 
 async def _play(cfg: "DcrlConfig", model_dir: Path, n: int, device: str) -> list:
     from actors.engine import Engine
-    from envs import make_env
+    from envs import env_factory
     from envs.episode import EpisodeLimits, TextCodec, run_episode
 
-    make_env(cfg.env.name, cfg.env.kwargs)  # a bad env fails before vLLM starts
+    new_env = env_factory(cfg.env.name, cfg.env.kwargs)  # a bad env fails before vLLM starts
     engine = await Engine.start(cfg, model_dir, device=device)
     try:
         codec, limits = TextCodec.from_pretrained(model_dir), EpisodeLimits.from_config(cfg)
-        return await asyncio.gather(*(run_episode(engine, make_env(cfg.env.name, cfg.env.kwargs), cfg.actor.seed + i,
+        return await asyncio.gather(*(run_episode(engine, new_env(), cfg.actor.seed + i,
                                                   codec, limits, f"sample-{i}") for i in range(n)))
     finally:
         await engine.shutdown()

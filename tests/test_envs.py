@@ -177,3 +177,15 @@ def test_step_before_reset_is_an_error():
         Arithmetic().step("1")
     with pytest.raises(RuntimeError):
         GuessNumber().step("1")
+
+
+def test_env_factory_checks_once_and_makes_fresh_instances():
+    from envs import EnvError, env_factory
+
+    new_env = env_factory("guess_number", {"hi": 10})
+    a, b = new_env(), new_env()
+    assert a is not b and isinstance(a, GuessNumber) and a.hi == 10
+    with pytest.raises(EnvError, match="bad kwargs"):
+        env_factory("guess_number", {"colour": 1})
+    with pytest.raises(EnvError, match="not a built-in"):
+        env_factory("nope")

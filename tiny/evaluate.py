@@ -16,7 +16,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from envs import make_env, resolve_env_class
+from envs import env_factory
 from envs.episode import EpisodeLimits, TextCodec, run_episode
 
 # Held-out evaluation seeds live far above the training seeds (drawn below 2**31).
@@ -105,15 +105,14 @@ def run_greedy_episodes(model, tokenizer, env_name: str, seeds: list[int], env_k
     An episode ends when the env says done, or after ``max_turns`` model turns (reward 0); ``text`` is
     the whole episode decoded with its special tokens.
     """
-    make_env(env_name, env_kwargs or {})  # a bad name or kwargs fails here, with its reason
-    env_cls, kwargs = resolve_env_class(env_name), dict(env_kwargs or {})
+    new_env = env_factory(env_name, env_kwargs)  # a bad name or kwargs fails here, with its reason
     codec = TextCodec(tokenizer)
     engine = GreedyEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     limits = EpisodeLimits(max_tokens_per_turn=max_tokens_per_turn, max_tokens_per_episode=_NO_LIMIT,
                            max_turns=max_turns, max_seq_len=_NO_LIMIT)
 
     async def play() -> list:
-        return await asyncio.gather(*(run_episode(engine, env_cls(**kwargs), s, codec, limits, f"eval-{i}")
+        return await asyncio.gather(*(run_episode(engine, new_env(), s, codec, limits, f"eval-{i}")
                                       for i, s in enumerate(seeds)))
 
     trajs = run_to_completion(play)
