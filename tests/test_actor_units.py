@@ -74,6 +74,7 @@ def test_engine_tag_and_args_follow_config():
     cfg = load_config("tiny", ["actor.dtype=bfloat16", "actor.concurrency=12", "actor.seed=5"], env={})
     assert engine_tag("cpu", "bfloat16") == "vllm-cpu/bf16"
     assert engine_tag("cuda", "float32") == "vllm-cuda/fp32"
+    assert engine_tag("cpu", "bfloat16", "int8") == "vllm-cpu/bf16+int8w"  # low-precision actor weights
     cpu = engine_args(cfg, "/m", "cpu", replica=2)
     assert cpu["logprobs_mode"] == "processed_logprobs" and cpu["enable_prefix_caching"]
     assert cpu["enforce_eager"] is True and cpu["seed"] == 7 and cpu["max_num_seqs"] == 12

@@ -41,7 +41,7 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         "learner.batch_groups=2", "learner.micro_batch=16", "learner.checkpoint_every=2", "learner.lr=1e-3",
         "learner.wait_timeout_s=300", f"learner.weight_transfer={transport}",
         f"learner.zmq_transfer=tcp://127.0.0.1:{free_port()}",
-        "actor.group_size=4", "actor.concurrency=8", "actor.status_interval_s=5", "actor.weights_poll_s=0.5",
+        "actor.group_size=4", "actor.concurrency=8", "actor.status_interval_s=5", "actor.report_interval_s=0.1", "actor.weights_poll_s=0.5",
         f"actor.weights_cache_dir={tmp_path / 'actor_weights'}",
         "controller.k_max=0", "controller.k_min=0",
     ]
@@ -87,6 +87,9 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         assert r["staleness/max"] == 0, [x["staleness/max"] for x in rows]
     # The actor loaded weights the learner published: later batches were sampled by versions > 0.
     assert max(r["staleness/newest_version"] for r in rows) >= 1, tail["actor"]
+    # The actor's ActorReports reached the learner's metrics as time fractions of the actor's wall time.
+    busy = [r["actor/engine_busy_frac"] for r in rows if "actor/engine_busy_frac" in r]
+    assert busy and all(0.0 <= b <= 1.0 + 1e-6 for b in busy) and max(busy) > 0, tail["actor"]  # 0: idle at K = 0
 
     cp = ControlPlane(cfg.redis)
     try:
