@@ -16,11 +16,9 @@ test: setup
 test-unit: setup
 	@.venv/bin/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
+## bench: every benchmark, then one table of RESULT lines (installs the `bench` extra: TRL). BENCH_ARGS=--quick
 bench: setup
-	@.venv/bin/python bench/buffer.py
-	@.venv/bin/python bench/rollout.py
-	@.venv/bin/python bench/async_speedup.py
-	@.venv/bin/python bench/weight_sync.py
+	@.venv/bin/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .cache

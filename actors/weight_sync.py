@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -181,6 +182,13 @@ class WeightSubscriber:
         self._ctx.term()
 
 
+def next_optional_load(now: float, reload_s: float, budget: float) -> float:
+    """When the next reload that the staleness cap does not force may start, after one that took
+    ``reload_s`` and ended at ``now``: reloads then take at most ``budget`` of the actor's time
+    (``actor.reload_budget``). With budget 1 that is ``now``: every version as soon as it is announced."""
+    return now + reload_s * (1.0 - budget) / budget
+
+
 def weights_behind_cap(engine_version: int, learner_version: int, max_staleness: int) -> bool:
     """True when a group started now would sample from weights staler than the cap allows:
     engine_version < V - K (the learner at version V, staleness cap K)."""
@@ -211,16 +219,27 @@ class WeightSync:
         self._files_io = IoThread(f"dcrl-{actor_id}-weights")
         self._lock: asyncio.Lock | None = None
         self._transfer = None  # actors.transfer.TransferClient, on the first collective WeightsReady
+        self._next_optional_load = 0.0  # time.monotonic() before which the weights loop does not reload
 
     async def loop(self) -> None:
-        """Follow the learner's announcements (ZMQ) and its copy in Redis; load whatever is newer."""
+        """Follow the learner's announcements (ZMQ) and its copy in Redis; load whatever is newer, but no
+        sooner than the reload budget allows (:func:`next_optional_load`; ``catch_up`` is not bound by it)."""
         poll = self.cfg.actor.weights_poll_s
         while True:
             heard = await self.subscriber.latest(poll) if self.subscriber is not None else None
             if self.subscriber is None:
                 await asyncio.sleep(poll)
-            stored = await self._redis(self.control.latest_weights)
-            await self.sync(newest(heard, stored))
+            w = newest(heard, await self._redis(self.control.latest_weights))
+            wait = self._next_optional_load - time.monotonic()
+            if wait > 0 and should_load(w, self.engine.version, self.refused):
+                self.stats.deferred_loads += 1
+                pause = asyncio.ensure_future(asyncio.sleep(wait))
+                try:
+                    await self._race(pause)
+                finally:
+                    pause.cancel()
+                w = newest(w, await self._redis(self.control.latest_weights))  # newer ones came meanwhile
+            await self.sync(w)
 
     async def catch_up(self) -> Control | None:
         """Before an admitted group starts: if the engine's weights are older than the staleness cap allows
@@ -265,6 +284,7 @@ class WeightSync:
         previous = self.engine.version
         seconds = await self.engine.load_weights(path, w.version)
         self.stats.weight_loads.append((w.version, seconds))
+        self._next_optional_load = next_optional_load(time.monotonic(), seconds, self.cfg.actor.reload_budget)
         log.info("%s: loaded weights v%d from %s (pause -> reload -> resume %.0f ms)", self.actor_id, w.version,
                  path, 1000 * seconds)
         await self._files_io.submit(prune_cache, self.cache_dir, {w.version, previous})
@@ -297,6 +317,7 @@ class WeightSync:
                         self.engine.version, e)
             return
         self.stats.weight_loads.append((version, seconds))
+        self._next_optional_load = next_optional_load(time.monotonic(), seconds, self.cfg.actor.reload_budget)
         log.info("%s: received weights v%d over %s (pause -> receive -> resume %.0f ms)", self.actor_id, version,
                  w.transport, 1000 * seconds)
 

@@ -140,6 +140,17 @@ def forward_logprobs(model, tokens: "Tensor") -> "Tensor":
     return token_logprobs(logits, tokens)
 
 
+def has_no_dropout(model) -> bool:
+    """True when no dropout is active in ``model`` (no ``nn.Dropout`` with p > 0, no attention dropout in its
+    config): its forward in train mode then equals its forward in eval mode."""
+    import torch
+
+    cfg = getattr(model, "config", None)
+    if any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout")):
+        return False
+    return not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
 def lag_of(versions: "Tensor", version: int) -> "Tensor":
     """Policy lag of each token, V - v_t (meaningful where the loss mask is set)."""
     return version - versions
@@ -229,6 +240,7 @@ class Learner:
         self.last_out = controller.initial_output()
         self.last_checkpoint_step = step
         self.actor_reports: dict[str, "ActorReport"] = {}  # latest ActorReport per actor, for the time breakdown
+        self.dropout_free = has_no_dropout(model)  # then train-mode and eval-mode forwards agree (fused pi_prox)
 
     # -- control plane
 
@@ -303,12 +315,21 @@ class Learner:
         mbs = micro_batches(batch.lengths, cfg.micro_batch)
 
         lap = Laps(dev)
-        # pi_prox: the weights at the start of the step, no grad (decoupled PPO's proximal policy).
-        self.model.eval()
+        # pi_prox: the weights at the start of the step, no grad (decoupled PPO's proximal policy). One
+        # optimizer step per batch means pi_prox is pi_theta before the step: with a single micro-batch and
+        # no dropout, the training forward itself gives it (detached), and the extra forward is skipped.
+        fused = None
         logp_prox = torch.zeros_like(logp_mu)
-        with torch.no_grad():
-            for s, e, w in mbs:
-                logp_prox[s:e, :w] = forward_logprobs(self.model, tokens[s:e, :w])
+        if len(mbs) == 1 and self.dropout_free:
+            self.model.train()
+            s, e, w = mbs[0]
+            fused = forward_logprobs(self.model, tokens[s:e, :w])
+            logp_prox[s:e, :w] = fused.detach()
+        else:
+            self.model.eval()
+            with torch.no_grad():
+                for s, e, w in mbs:
+                    logp_prox[s:e, :w] = forward_logprobs(self.model, tokens[s:e, :w])
         lap("prox")
 
         stats = summarize(logp_prox.flatten(), logp_mu.flatten(), lag.flatten(), mask.flatten(), ccfg.metric)
@@ -323,7 +344,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
         for s, e, w in mbs:
-            logp_new = forward_logprobs(self.model, tokens[s:e, :w])
+            logp_new = fused if fused is not None else forward_logprobs(self.model, tokens[s:e, :w])
             sl = (slice(s, e), slice(0, w))
             loss, m = policy_loss(
                 logp_new.flatten(), logp_prox[sl].flatten(), logp_mu[sl].flatten(), adv_tok[sl].flatten(),

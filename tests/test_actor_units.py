@@ -167,6 +167,18 @@ def test_actor_cli_bad_config_names_field():
     assert out.returncode == 2 and "actor.concurrency" in out.stderr
 
 
+def test_next_optional_load_keeps_reloads_within_the_budget():
+    """actor.reload_budget: after a reload of r seconds, optional reloads wait r (1 - b) / b, so reloads take at
+    most the fraction b of the actor's time; b = 1 reloads every version at once."""
+    from actors.weight_sync import next_optional_load
+
+    assert next_optional_load(100.0, 0.02, 1.0) == 100.0
+    assert next_optional_load(100.0, 0.02, 0.2) == pytest.approx(100.08)
+    # One reload per (r + wait): the time share spent reloading is exactly the budget.
+    r, b = 0.05, 0.15
+    assert r / (r + next_optional_load(0.0, r, b)) == pytest.approx(b)
+
+
 def test_weights_behind_cap_only_past_the_staleness_cap():
     from actors.weight_sync import weights_behind_cap
 

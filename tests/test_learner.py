@@ -144,12 +144,14 @@ def _bare_learner(cfg, model, optimizer):
 
 @pytest.mark.parametrize("mode", ["dcmdp", "mis"])
 def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, random_tiny_dir, data_model, mode):
-    """Token-level aggregation: gradients accumulated over micro-batches equal the one-pass gradient."""
+    """Token-level aggregation: gradients accumulated over micro-batches equal the one-pass gradient. The
+    one-pass case (micro_batch 64) also takes pi_prox from the training forward instead of a separate no-grad
+    pass (``has_no_dropout``): the discrepancy it reports and the gradient must not change."""
     import torch
     from transformers import AutoModelForCausalLM
 
     groups = make_groups(data_model, 2, group_size=4, versions=(0, 1), seed=3)
-    grads = []
+    grads, discrepancy = [], []
     for mb in (1, 3, 64):
         cfg = learner_cfg(tmp_path, "redis://127.0.0.1:1/0", random_tiny_dir, f"learner.micro_batch={mb}",
                           f"controller.mode={mode}")
@@ -159,11 +161,30 @@ def test_train_step_micro_batching_gives_full_batch_gradient(tmp_path, random_ti
         res = learner.train_step(groups)
         assert learner.version == 3 and res.row["tokens/generated"] > 0
         assert res.row["staleness/max"] == 2 and 1 <= res.row["staleness/mean"] <= 2
+        assert learner.dropout_free
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        discrepancy.append(res.row["discrepancy/total"])
+    assert discrepancy[0] > 0 and discrepancy == pytest.approx([discrepancy[0]] * 3, rel=1e-5)
     for other in grads[1:]:
         for k, g in grads[0].items():
             assert torch.allclose(g, other[k], rtol=1e-4, atol=1e-7), k
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_has_no_dropout_sees_dropout_modules_and_attention_dropout(random_tiny_dir):
+    """The fused pi_prox is only taken when train-mode and eval-mode forwards agree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.trainer import has_no_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(str(random_tiny_dir), dtype=torch.float32)
+    assert has_no_dropout(model)
+    model.config.attention_dropout = 0.1
+    assert not has_no_dropout(model)
+    model.config.attention_dropout = 0.0
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert not has_no_dropout(model)
 
 
 # ---------------------------------------------------------------- the loop through Redis
