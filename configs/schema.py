@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.errors import DcrlError
 from protocol.vocab import ControllerMode, Transport, WeightQuant
 
 PRESET_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(ValueError):
+class ConfigError(DcrlError, ValueError):
     """A configuration file is missing, unparsable or invalid; the message names the field."""
 
 
@@ -65,8 +66,10 @@ class RedisConfig(_Strict):
     """First wait before retrying a lost Redis connection; doubles per attempt."""
     retry_backoff_max_s: float = Field(5.0, gt=0)
     """Cap of the doubling retry wait."""
-    connect_timeout_s: float = Field(30.0, gt=0)
-    """Give up (with a clear error) if Redis cannot be reached for this long at start."""
+    connect_timeout_s: float = Field(8.0, gt=0)
+    """Give up (with a one-line error naming ``redis.url``) if Redis cannot be reached for this long at start:
+    8 s, so that a process fails within 10 s of its start. Redis itself starts in well under a second (the
+    Procfile starts it beside the learner and actors); raise this for a server replaying a large append-only file."""
     data_dir: str = "runs/redis"
     """Where the Procfile's redis-server keeps its append-only file."""
     max_outage_s: float = Field(300.0, gt=0)
@@ -128,6 +131,11 @@ class EnvConfig(_Strict):
     """Built-in ``arithmetic`` / ``guess_number``, or an import path ``package.module:Class``."""
     kwargs: dict[str, Any] = {}
     """Passed to the environment's constructor."""
+    step_timeout_s: float = Field(30.0, gt=0)
+    """Longest one ``reset`` or ``step`` call may take. The calls run in worker threads (about 0.1 ms per call
+    on a 2-core CPU for the hop); a call past this ends its episode as an environment error (the group is
+    dropped, ``episode/env_errors``) and is abandoned in its thread, so an environment that hangs never blocks
+    the actor."""
 
 
 class ActorConfig(_Strict):
@@ -164,6 +172,13 @@ class ActorConfig(_Strict):
     """vLLM eager mode (no torch.compile / CUDA graphs). None: eager on CPU (starts in seconds), graphs on GPU."""
     prefix_caching: bool = True
     """vLLM prefix caching: every multi-turn turn resubmits the whole context, so earlier turns hit the cache."""
+    reload_budget: float = Field(0.15, gt=0, le=1)
+    """Most of the actor's wall time that weight reloads the staleness cap does not force may take. After a
+    reload of r seconds the next optional one waits r * (1 - reload_budget) / reload_budget: when the learner
+    publishes faster than the engine can swap weights (tiny models, where one reload costs about a third of
+    a learner step), the actor skips versions instead of spending its time reloading. A reload needed to stay
+    within the cap K (a group may not start on weights more than K versions old) is never delayed, so K = 0
+    stays exactly on-policy. 1.0: load every version as soon as it is announced."""
     reload_clear_cache: bool = True
     """Clear vLLM's KV/prefix cache at each weight update: in-flight requests are re-prefilled with the new
     weights and no later turn reuses a prefix computed by the old ones (costs one prefill per update)."""
@@ -243,7 +258,9 @@ class ControllerConfig(_Strict):
     penalty: Literal["advantage", "k2"] = "advantage"
     delta: float | Literal["auto"] = "auto"
     """Tolerance of the discrepancy constraint D <= delta; auto = (1 + auto_slack) * engine floor at warm-up."""
-    auto_slack: float = Field(0.5, ge=0)
+    auto_slack: float = Field(0.5, gt=-1)
+    """delta = "auto": the tolerance is (1 + auto_slack) x the measured engine floor. Below 0 the tolerance is
+    under the floor itself (a constraint the engine alone violates: the low end of a tolerance sweep)."""
     warmup_steps: int = Field(1, ge=1)
     """Observations with lag-0 tokens whose engine floor is averaged for delta = "auto" (see
     learner.controller.DCMDPController): one batch is a noisy estimate."""
@@ -267,6 +284,11 @@ class ControllerConfig(_Strict):
     beta_min: float = Field(1.5, gt=1)
     k_max: int = Field(4, ge=0)
     k_min: int = Field(0, ge=0)
+    k_step: int = Field(1, ge=0)
+    """dcmdp: the most K may move from one step to the next (0: no limit). K(lambda) jumps from K_max to its
+    formula as soon as lambda leaves 0, so a D hovering at delta flipped K between K_max and 0 from step to
+    step (measured on the tiny preset): the actors then alternated between running free and idling. Moving
+    K one version per step toward K(lambda) keeps the throttle's direction and removes the flapping."""
     tis_cap: float = Field(2.0, gt=0)
     icepop_low: float = Field(0.5, gt=0)
     icepop_high: float = Field(5.0, gt=1)
@@ -361,7 +383,8 @@ def resolve_preset(path: str | os.PathLike) -> Path:
     for cand in (PRESET_DIR / p, PRESET_DIR / f"{p}.toml"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"config file not found: {path}")
+    presets = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.toml")))
+    raise ConfigError(f"config file not found: {path} (--config takes a TOML file or a preset: {presets})")
 
 
 def _env_overrides(env: dict[str, str]) -> list[str]:

@@ -13,7 +13,8 @@ the first two):
     penalty   A_t - lambda * delta_t  or  + lambda * k2 term, total loss / (1 + lambda)
     IS bound  beta(lambda) = beta_min + (beta_max - beta_min) / (1 + lambda)
     throttle  K(lambda) = clamp(floor((delta / (1 + lambda) - D_engine) / kappa), K_min, K_max) for
-              lambda > 0; K = K_max at lambda = 0 (see staleness_cap)
+              lambda > 0; K = K_max at lambda = 0 (see staleness_cap); K moves toward it by at most
+              controller.k_step per step (rate_limited), from K = 0 at the end of warm-up
 
 The learner drives it once per optimizer step::
 
@@ -108,6 +109,13 @@ def staleness_cap(lam: float, delta: float, d_engine: float | None, kappa: float
     if lags >= k_max:  # also guards floor() of inf for a vanishing kappa
         return k_max
     return min(max(math.floor(lags), k_min), k_max)
+
+
+def rate_limited(k: int, previous: int, step: int) -> int:
+    """``k`` moved at most ``step`` from ``previous`` (``controller.k_step``; 0: ``k`` unchanged)."""
+    if step <= 0:
+        return k
+    return min(max(k, previous - step), previous + step)
 
 
 def ema_update(old: float | None, new: float | None, alpha: float) -> float | None:
@@ -280,6 +288,8 @@ class DCMDPController:
         else:
             beta = beta_of_lambda(self.lam, cfg.beta_max, cfg.beta_min)
             k = staleness_cap(self.lam, delta, self.engine, self.kappa, cfg.k_min, cfg.k_max)
+            if self.last is not None:
+                k = rate_limited(k, self.last.k, cfg.k_step)
         return ControllerOutput(lam=self.lam, beta=beta, k=k, delta=delta, err=err, phase=phase, d=d,
                                 engine=self.engine, kappa=self.kappa)
 

@@ -324,3 +324,18 @@ def test_controller_d_average_damps_batch_noise():
     c.observe(seq[0])
     out = c.observe(seq[1])
     assert out.d == pytest.approx(1.8 * DELTA) and out.err == pytest.approx((0.2 + 0.2 * 1.6) - 1.0)
+
+
+@pytest.mark.parametrize("k_step", [0, 1])
+def test_k_moves_at_most_k_step_per_step_when_d_hovers_at_delta(k_step):
+    """D alternating just above and below delta moves lambda across 0 every step; K(lambda) then jumps
+    between K_max and ~0. controller.k_step = 1 limits every change to one version (0: the old flapping)."""
+    c = ctl.DCMDPController(_cfg(k_step=k_step, lambda_init=0.0, eta=1.0, d_alpha=1.0))
+    outs = [c.observe(_stats(DELTA * (1.3 if t % 2 else 0.7), engine=0.015, kappa=0.004)) for t in range(40)]
+    ks = [o.k for o in outs[1:]]
+    jumps = [abs(b - a) for a, b in zip(ks, ks[1:])]
+    if k_step:
+        assert max(jumps) <= 1 and 0 < max(ks)
+    else:
+        assert max(jumps) >= 3  # the flapping the rate limit removes
+    assert ctl.rate_limited(4, 0, 1) == 1 and ctl.rate_limited(0, 4, 2) == 2 and ctl.rate_limited(3, 2, 0) == 3
