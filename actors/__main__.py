@@ -5,7 +5,10 @@
 Actor id: ``--actor-id``, else ``DCRL_ACTOR_ID``, else the Procfile process name (``HONCHO_PROCESS_NAME`` / ``PS``) (``actor.2`` -> ``actor-2``), else
 ``actor-0``; its trailing number picks the GPU on GPU machines (``actor.gpu`` overrides). SIGTERM or
 SIGINT: in-flight episodes are cancelled, finished groups flushed, exit 0. vLLM, torch and
-transformers are imported only after the arguments are parsed (``--help`` answers at once).
+transformers are imported only after the arguments are parsed (``--help`` answers at once), and after the
+checks that fail fast: a bad ``env.name``/``env.kwargs``, a missing model directory, an unreachable Redis or a
+refused password is one ``error:`` line, exit status 2 (``protocol.errors.run_main``; ``--debug`` adds the
+traceback).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import signal
 import sys
 
+from protocol.errors import DcrlError, add_debug_arg, run_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     from configs.schema import add_config_args
@@ -24,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m actors", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    add_debug_arg(parser)
     parser.add_argument("--actor-id", default=None,
                         help="actor id (default: $DCRL_ACTOR_ID, else honcho's $HONCHO_PROCESS_NAME or foreman's $PS, else actor-0)")
     return parser
@@ -81,30 +87,40 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
     return 0
 
 
+def preflight(cfg, actor_id: str) -> None:
+    """What fails in well under a second here but after Redis, the model or vLLM (tens of seconds) otherwise:
+    the environment (a config error), the model path, then Redis. Each raises a DcrlError naming the setting."""
+    from buffer.connection import check_reachable
+    from envs import EnvError, make_env
+    from tiny.build import check_model_path
+
+    try:
+        make_env(cfg.env.name, cfg.env.kwargs)
+    except EnvError as e:
+        raise DcrlError(f"env.name / env.kwargs: {e}") from e
+    check_model_path(cfg)
+    check_reachable(cfg.redis, actor_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from configs.schema import config_from_args
 
     cfg = config_from_args(args)
-    from envs import EnvError, make_env
-
-    try:  # before Redis, the model or vLLM (tens of seconds): a bad env is a config error
-        make_env(cfg.env.name, cfg.env.kwargs)
-    except EnvError as e:
-        print(f"error: env.name / env.kwargs: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # vLLM's per-request INFO lines would drown the status line; its warnings stay visible.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from actors.actor import replica_index, resolve_actor_id
-    from actors.engine import prepare_device_env
 
     actor_id = resolve_actor_id(args.actor_id, os.environ)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preflight(cfg, actor_id)
+    # vLLM's per-request INFO lines would drown the status line; its warnings stay visible.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from actors.engine import prepare_device_env
+
     replica = replica_index(actor_id)
     device = prepare_device_env(cfg, replica)  # before anything imports vllm or torch
     return asyncio.run(serve(cfg, actor_id, replica, device))
 
 
 if __name__ == "__main__":  # vLLM starts its engine with multiprocessing spawn: the guard is required
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,7 +14,10 @@ Inside ``run`` (this module is the admit loop; the other ideas live beside it):
   ``actor.concurrency`` episodes run at once.
 - episodes: ``envs.episode.run_episode`` plays the env turn by turn, each model turn one
   ``engine.generate`` on the whole context (prefix caching makes the resubmission cheap). A finished
-  group goes to the GroupWriter with its slot; the write settles the slot in the same script.
+  group goes to the GroupWriter with its slot; the write settles the slot in the same script. An
+  environment fault (``envs.guard.EnvFault``: reset/step raised, returned the wrong type or hung past
+  ``env.step_timeout_s``) drops the episode's whole group and gives its slot back; the actor goes on,
+  counting it (``ActorReport.env_errors``) and logging each kind of fault once.
 - weights: ``actors.weight_sync.WeightSync`` listens for WeightsReady (ZMQ, plus the copy in Redis),
   verifies the file and has the engine reload it between two scheduler steps; every token keeps the
   version that sampled it.
@@ -43,6 +46,7 @@ from actors.io import IoThread, LeaseKeeper, Stopping
 from actors.weight_sync import WeightSync
 from envs import env_factory
 from envs.episode import EpisodeLimits, EpisodeTimings, TextCodec, run_episode
+from envs.guard import EnvFault
 from protocol.messages import ActorReport, Trajectory, TrajectoryGroup
 
 if TYPE_CHECKING:
@@ -114,9 +118,12 @@ class ActorStats:
     episodes_in_flight: int = 0
     refused_updates: int = 0
     weight_loads: list = field(default_factory=list)  # (version, seconds) per successful load
+    deferred_loads: int = 0  # newer weights announced but not loaded yet: actor.reload_budget spent
     episodes: EpisodeTimings = field(default_factory=EpisodeTimings)  # env, tokenizer, generate seconds
     redis_s: float = 0.0  # awaiting control-plane calls
     idle_s: dict = field(default_factory=dict)  # no group admitted although a slot was free, by reason
+    env_errors: int = 0  # episodes ended by an environment fault (their groups dropped)
+    env_fault_kinds: set = field(default_factory=set)  # (call, kind) of the faults logged so far
 
 
 def idle_kind(reason: str) -> str:
@@ -319,15 +326,41 @@ class Actor:
         return job
 
     async def _group_job(self, job: GroupJob) -> None:
-        """Run the G episodes of one group and hand the whole group, with its slot, to the writer."""
-        async with asyncio.TaskGroup() as tg:  # one failing episode cancels its siblings and fails the group
-            tasks = [tg.create_task(self._episode(job, i)) for i in range(self.cfg.actor.group_size)]
+        """Run the G episodes of one group and hand the whole group, with its slot, to the writer; a group
+        whose environment failed is dropped instead (:meth:`_drop_group`)."""
+        faults: list[EnvFault] = []
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing episode cancels its siblings and fails the group
+                tasks = [tg.create_task(self._episode(job, i)) for i in range(self.cfg.actor.group_size)]
+        except* EnvFault as eg:  # any other failure still propagates: it kills the actor
+            faults = list(eg.exceptions)
+        if faults:
+            await self._drop_group(job, faults)
+            return
         group = TrajectoryGroup(group_id=job.group_id, actor_id=self.actor_id, engine=self.engine.tag,
                                 env=self.cfg.env.name, seed=job.seed, trajectories=[t.result() for t in tasks],
                                 created_at=time.time())
         job.handed_off = True  # from here the writer owns the slot, even if this task is cancelled
         await asyncio.shield(self._writer_io.submit(self.writer.send, group, job.slot))
         self.stats.groups_sent += 1
+
+    async def _drop_group(self, job: GroupJob, faults: list[EnvFault]) -> None:
+        """A group whose environment failed: count the faults, log each kind once (a broken environment fails
+        the same way in every episode), and give the group's slot back so that another group replaces it.
+        The group is not sent: its other episodes were cancelled, and a partial group would skew GRPO's
+        per-group advantages."""
+        self.stats.env_errors += len(faults)
+        for f in faults:
+            if f.key not in self.stats.env_fault_kinds:
+                self.stats.env_fault_kinds.add(f.key)
+                log.warning("%s: env %r %s; the episode's group is dropped and the actor goes on (logged once per "
+                            "kind of fault; all are counted in episode/env_errors)", self.actor_id, self.cfg.env.name,
+                            f)
+        try:  # not raced against a stop: if this task is cancelled meanwhile, _cancel cancels the slot again
+            await asyncio.shield(self._control_io.submit(self.control.cancel, job.slot))
+        except redis.exceptions.ConnectionError as e:
+            log.warning("%s: could not give back the slot of dropped group %s (%s); it comes back when this "
+                        "actor stops or restarts", self.actor_id, job.group_id, e)
 
     async def _episode(self, job: GroupJob, i: int) -> Trajectory:
         async with self._episodes:
@@ -409,7 +442,8 @@ class Actor:
                            engine_busy_s=self.engine.busy_s, env_s=e.env_s, tokenize_s=e.tokenize_s,
                            generate_s=e.generate_s, redis_s=self.stats.redis_s,
                            reload_s=sum(s for _, s in self.stats.weight_loads), idle_s=dict(self.stats.idle_s),
-                           generated_tokens=self.engine.generated_tokens, groups_sent=self.stats.groups_sent)
+                           generated_tokens=self.engine.generated_tokens, groups_sent=self.stats.groups_sent,
+                           env_errors=self.stats.env_errors)
 
     async def _report_loop(self) -> None:
         while True:

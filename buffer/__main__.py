@@ -5,7 +5,9 @@
     python -m buffer serve --config tiny                   exec redis-server on 127.0.0.1:<port of redis.url>
                                                            (the password reaches it on stdin, not in argv)
 
-``--config``/``--set`` are accepted before or after the command. Nothing heavy is imported here.
+``--config``/``--set``/``--debug`` are accepted before or after the command. Nothing heavy is imported here.
+An expected failure (Redis unreachable or refusing the password, the port taken) is one ``error:`` line and
+exit status 2 (``protocol.errors.run_main``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.parse
 from pathlib import Path
 
 from configs.schema import RedisConfig, add_config_args, config_from_args
+from protocol.errors import DcrlError, add_debug_arg, run_main
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
@@ -38,10 +41,28 @@ def serve_command(cfg: RedisConfig) -> tuple[list[str], bytes]:
     return redis_server_command(u.port or 6379, Path(cfg.data_dir).resolve(), password)
 
 
+def serve(cfg: RedisConfig) -> None:
+    """exec redis-server for ``cfg`` (same pid: honcho's SIGTERM/SIGINT reach redis-server directly), after
+    the checks that would otherwise end in redis-server's own less telling message."""
+    from buffer.server import check_port_free, exec_with_stdin
+
+    try:
+        cmd, config = serve_command(cfg)
+    except ValueError as exc:
+        raise DcrlError(str(exc)) from None
+    port = int(cmd[cmd.index("--port") + 1])
+    check_port_free(port)
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    print(f"[buffer] exec redis-server on 127.0.0.1:{port}, append-only file in {Path(cfg.data_dir).resolve()}",
+          file=sys.stderr, flush=True)
+    exec_with_stdin(cmd, config)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m buffer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    add_debug_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="{stats,dead,serve}")
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
@@ -50,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", dest="sub_config", default=None, metavar="CONFIG", help="TOML config or preset name")
         sp.add_argument("--set", dest="sub_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field (repeatable)")
+        sp.add_argument("--debug", dest="sub_debug", action="store_true", help=argparse.SUPPRESS)
         return sp
 
     st = command("stats", "stream length, pending per consumer, counters, current version and K, dead letters")
@@ -69,30 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.command == "serve":
-        from buffer.server import exec_with_stdin
-
-        try:
-            cmd, config = serve_command(cfg)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        print(f"[buffer] exec redis-server on 127.0.0.1:{cmd[cmd.index('--port') + 1]}, "
-              f"append-only file in {Path(cfg.data_dir).resolve()}", file=sys.stderr, flush=True)
-        exec_with_stdin(cmd, config)  # same pid: honcho's SIGTERM/SIGINT reach redis-server directly
-
-    import redis
+        serve(cfg)  # replaces this process; returns only by raising
 
     from buffer.connection import connect
     from buffer.stats import collect_stats, dead_letters, format_stats
 
     # An inspection command should not hang for the learner's full connect timeout.
     cfg = cfg.model_copy(update={"connect_timeout_s": min(cfg.connect_timeout_s, 5.0)})
-    try:
-        client = connect(cfg, "buffer cli")
-    except (redis.exceptions.ConnectionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    client = connect(cfg, "buffer cli")  # unreachable or a refused password: DcrlError, one line
     try:
         if args.command == "stats":
             st = collect_stats(client, cfg, n_dead=args.n)
@@ -111,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

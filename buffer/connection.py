@@ -6,10 +6,13 @@ Every buffer component opens its client with :func:`connect` and runs each Redis
 - an outage (connection refused or dropped, socket timeout, server still loading its append-only file):
   retried with waits ``retry_backoff_s, 2x, 4x, ... <= retry_backoff_max_s``; the first failure logs one
   warning line, the first success after it one info line;
-- a wrong or missing password: never retried; a RuntimeError that names ``redis.password`` and
+- a wrong or missing password: never retried; a :class:`RedisAuthError` that names ``redis.password`` and
   ``DCRL_REDIS_PASSWORD``.
 
-Anything else (a Lua error, OOM, a wrong type) propagates unchanged.
+An outage that outlasts its limit (``redis.connect_timeout_s`` at start, ``redis.max_outage_s`` later) raises
+:class:`RedisUnavailable`, which names ``redis.url`` / ``DCRL_REDIS_URL`` and the limit. Both are
+``protocol.errors.DcrlError``: the entry points print them as one line, without a traceback. Anything else
+(a Lua error, OOM, a wrong type) propagates unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseErro
 from redis.retry import Retry
 
 from configs.schema import RedisConfig
+from protocol.errors import DcrlError
 
 log = logging.getLogger("dcrl.buffer")
 
@@ -50,10 +54,19 @@ def is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "invalid password"))
 
 
-def auth_error(cfg: RedisConfig, exc: BaseException) -> RuntimeError:
+class RedisAuthError(DcrlError, RuntimeError):
+    """Redis refused the password (or demands one): never retried. Also a RuntimeError, as callers catch it."""
+
+
+class RedisUnavailable(DcrlError, redis.exceptions.ConnectionError):
+    """Redis stayed unreachable past the caller's limit. Still a redis ConnectionError, so code that waits
+    through outages (the actor's control calls) treats it as one."""
+
+
+def auth_error(cfg: RedisConfig, exc: BaseException) -> RedisAuthError:
     """The one error a bad password gives, naming the setting to fix."""
     given = "no password was given" if not cfg.password else "the given password was refused"
-    return RuntimeError(
+    return RedisAuthError(
         f"Redis at {redact_url(cfg.url)} refused authentication ({given}: {exc}). "
         "Set redis.password in the config or DCRL_REDIS_PASSWORD in the environment "
         "to the server's requirepass."
@@ -71,16 +84,18 @@ def redact_url(url: str) -> str:
 class Retrier:
     """Runs Redis calls through outages for one component (``who`` names it in the log lines).
 
-    ``give_up_s``: raise ConnectionError once an outage has lasted this long (None: retry forever).
-    ``stop``: an Event that aborts the waiting (the writer's close()); the call then raises ConnectionError.
-    The outage state is per instance, so concurrent calls during one outage log it once.
+    ``give_up_s``: raise RedisUnavailable once an outage has lasted this long (None: retry forever); the
+    last retry is made at that deadline, not after it. ``limit_name`` is the setting ``give_up_s`` comes from,
+    for the message. ``stop``: an Event that aborts the waiting (the writer's close()); the call then raises
+    ConnectionError. The outage state is per instance, so concurrent calls during one outage log it once.
     """
 
     def __init__(self, cfg: RedisConfig, who: str, give_up_s: float | None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, limit_name: str = "redis.max_outage_s"):
         self.cfg = cfg
         self.who = who
         self.give_up_s = give_up_s
+        self.limit_name = limit_name
         self.stop = stop
         self._down_since: float | None = None
         self.outages = 0  # outages seen (for tests and stats)
@@ -115,11 +130,14 @@ class Retrier:
                         redact_url(self.cfg.url), what, exc, self.cfg.retry_backoff_s,
                         self.cfg.retry_backoff_max_s, limit)
         down_for = now - self._down_since
-        if self.give_up_s is not None and down_for > self.give_up_s:
-            raise redis.exceptions.ConnectionError(
-                f"{self.who}: redis at {redact_url(self.cfg.url)} unreachable for {down_for:.0f} s "
-                f"(limit {self.give_up_s:g} s): {exc}") from exc
+        if self.give_up_s is not None and down_for >= self.give_up_s:
+            raise RedisUnavailable(
+                f"{self.who}: redis at {redact_url(self.cfg.url)} unreachable for {down_for:.0f} s ({exc}); "
+                f"start it (python -m buffer serve) or point redis.url / DCRL_REDIS_URL at a running server "
+                f"({self.limit_name}={self.give_up_s:g} s sets this wait)") from exc
         delay = backoff_delay(attempt, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
+        if self.give_up_s is not None:  # one last try at the deadline rather than a sleep past it
+            delay = min(delay, self.give_up_s - down_for)
         if self.stop is not None:
             if self.stop.wait(delay):
                 raise redis.exceptions.ConnectionError(f"{self.who}: closed during a redis outage") from exc
@@ -150,10 +168,21 @@ def make_client(cfg: RedisConfig) -> redis.Redis:
 def connect(cfg: RedisConfig, who: str = "buffer") -> redis.Redis:
     """Open a client and PING until Redis answers.
 
-    Retries with backoff for up to ``cfg.connect_timeout_s`` (then ConnectionError naming the URL);
-    a refused password raises RuntimeError at once. Called by GroupWriter/GroupReader/ControlPlane
+    Retries with backoff for up to ``cfg.connect_timeout_s`` (then RedisUnavailable naming the URL and the
+    settings); a refused password raises RedisAuthError at once. Called by GroupWriter/GroupReader/ControlPlane
     constructors and the ``python -m buffer`` commands.
     """
     client = make_client(cfg)
-    Retrier(cfg, f"{who} connect", give_up_s=cfg.connect_timeout_s).call(client.ping)
+    try:
+        Retrier(cfg, f"{who} connect", give_up_s=cfg.connect_timeout_s,
+                limit_name="redis.connect_timeout_s").call(client.ping)
+    except BaseException:
+        client.close()
+        raise
     return client
+
+
+def check_reachable(cfg: RedisConfig, who: str) -> None:
+    """Connect, PING and close: the entry points' check at start, so that an unreachable Redis or a refused
+    password fails in ``redis.connect_timeout_s`` rather than after the model is loaded or vLLM has started."""
+    connect(cfg, who).close()

@@ -18,8 +18,8 @@ Delivery is at least once. ``receive`` returns, in this order:
    (XAUTOCLAIM would claim them too and count a delivery each time);
 3. new entries (XREADGROUP ``>``), waiting up to ``block_ms`` only when 1 and 2 gave nothing.
 
-Every entry is validated with ``protocol.decode_group`` (vocab size, current version). An invalid one
-is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
+Every entry is validated with :func:`decode_entry` (``protocol.decode_group``: vocab size, current version).
+An invalid one is moved to ``<prefix>:dead`` with its reason and raw bytes, acked, deleted and counted, and never
 returned; if it was written with an admission slot (``<prefix>:delivered``), that slot is given back, once;
 garbage written straight into the stream moves no capacity. A valid one is never dropped, except a stale one
 or a poison one.
@@ -90,6 +90,17 @@ def is_stale(newest_version: int, learner_version: int, cap: int) -> bool:
     if cap < 0:
         raise ValueError(f"is_stale: cap must be >= 0 (got {cap})")
     return learner_version - newest_version > cap
+
+
+def decode_entry(fields: dict[bytes, bytes], *, vocab_size: int | None = None,
+                 current_version: int | None = None) -> TrajectoryGroup:
+    """The validated group in the fields of one stream entry (the writer puts it under ``data``). Raises only
+    ProtocolError, whatever the fields hold: the reader dead-letters the entry with ``str(err)`` as reason."""
+    data = fields.get(b"data")
+    if data is None:
+        names = ", ".join(sorted(k.decode(errors="replace") if isinstance(k, bytes) else repr(k) for k in fields))
+        raise ProtocolError(f"entry has no 'data' field (fields: {names})")
+    return decode_group(data, vocab_size=vocab_size, current_version=current_version)
 
 
 def clamp_block_ms(block_ms: int | None, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> int | None:
@@ -284,20 +295,15 @@ class GroupReader:
                 self._send_to_dead(sid, f"delivered {times - 1} times without an ack (redis.max_deliveries="
                                    f"{self.cfg.max_deliveries}); last consumer {last!r}", fields.get(b"data", b""))
                 continue
-            data = fields.get(b"data")
-            if data is None:
-                names = ", ".join(sorted(k.decode(errors="replace") for k in fields))
-                self._send_to_dead(sid, f"entry has no 'data' field (fields: {names})", b"")
-                continue
             try:
-                group = decode_group(data, vocab_size=self.vocab_size, current_version=current_version)
+                group = decode_entry(fields, vocab_size=self.vocab_size, current_version=current_version)
             except ProtocolError as exc:
-                self._send_to_dead(sid, str(exc), data)
+                self._send_to_dead(sid, str(exc), fields.get(b"data", b""))
                 continue
             if max_lag is not None and is_stale(newest := newest_version(group), current_version, max_lag):
                 self._send_to_dead(sid, f"stale: lag {current_version - newest} > cap {max_lag} (newest token "
                                    f"version {newest}, learner at {current_version}; group {group.group_id!r})",
-                                   data, stale=True)
+                                   fields[b"data"], stale=True)
                 continue
             self._held.add(sid)
             out.append(Entry(sid, group))

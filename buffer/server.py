@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -9,6 +10,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from protocol.errors import DcrlError
+
+
+class ServeError(DcrlError, RuntimeError):
+    """redis-server cannot be started here (not installed, port taken); the message names the fix."""
 
 
 def free_port() -> int:
@@ -18,6 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    """Raise ServeError naming ``redis.url`` if 127.0.0.1:``port`` cannot be bound (another server listens
+    there), instead of letting redis-server fail with a line of its own after the exec. SO_REUSEADDR as
+    redis-server sets it, so a port merely in TIME_WAIT counts as free. Racy by nature: a check, not a lock."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            what = ("is already in use (another redis-server, e.g. an earlier run still going?)"
+                    if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})")
+            raise ServeError(f"127.0.0.1:{port} {what}: stop what holds it, or pick a free port in "
+                             "redis.url / DCRL_REDIS_URL") from None
+
+
 def redis_server_command(port: int, data_dir: str | os.PathLike, password: str | None = None,
                          appendonly: bool = True) -> tuple[list[str], bytes]:
     """Command line of a loopback-only redis-server with append-only persistence in ``data_dir``, and the
@@ -25,7 +47,7 @@ def redis_server_command(port: int, data_dir: str | os.PathLike, password: str |
     where ``ps`` and /proc/<pid>/cmdline would show it (redis-server retitles itself, but only once started)."""
     exe = shutil.which("redis-server")
     if exe is None:
-        raise RuntimeError("redis-server not found on PATH: run `make setup` (installs Debian's redis-server)")
+        raise ServeError("redis-server not found on PATH: run `make setup` (installs Debian's redis-server)")
     args = [
         exe,
         "-",  # read a config from stdin first; the options below are applied after it

@@ -21,7 +21,10 @@ Rewards are given once, on the final step (0.0 on earlier steps). Keep observati
 the tiny tokenizer's character set (printable ASCII and newline): anything else becomes ``<unk>``.
 
 Custom environments: any class with this interface, named by import path ``package.module:Class``
-in ``env.name``; ``env.kwargs`` go to its constructor.
+in ``env.name``; ``env.kwargs`` go to its constructor. The module is imported with ``importlib`` from
+``sys.path`` (the working directory of ``python -m actors``, PYTHONPATH, installed packages). The episode loop
+calls ``reset``/``step`` through ``envs.guard``: a call that raises, returns the wrong type or hangs past
+``env.step_timeout_s`` ends its episode, not the actor.
 """
 
 from __future__ import annotations
@@ -167,7 +170,12 @@ def resolve_env_class(name: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise EnvError(f"env {name!r}: cannot import module {module_name!r}: {e}") from None
+        not_found = e.name is not None and (module_name == e.name or module_name.startswith(f"{e.name}."))
+        hint = (" (it is imported from sys.path: run from the directory that holds it, or add that directory "
+                "to PYTHONPATH)" if not_found else "")
+        raise EnvError(f"env {name!r}: cannot import module {module_name!r}: {e}{hint}") from None
+    except Exception as e:  # a bug in the module's top level: one line here, the chain for --debug
+        raise EnvError(f"env {name!r}: importing module {module_name!r} raised {type(e).__name__}: {e}") from e
     cls = getattr(module, attr, None)
     if cls is None:
         raise EnvError(f"env {name!r}: module {module_name!r} has no attribute {attr!r}")

@@ -19,6 +19,9 @@ The tokens recorded are exactly those the engine produced; earlier turns are nev
   tokens after the first observation, or the model context ``model.max_seq_len``.
 
 Truncated episodes are returned like any other: dropping them would bias the batch toward short episodes.
+An environment that fails (``reset``/``step`` raises, returns the wrong type, or takes longer than
+``env.step_timeout_s``) ends the episode with ``envs.guard.EnvFault`` instead: no trajectory, since none of its
+tokens can be trusted to follow the environment's rules; the actor drops the group (see ``envs/guard.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
+from envs.guard import call_env, check_observation, check_step_result
 from protocol.messages import Trajectory
 from protocol.vocab import FinishReason
 
@@ -48,17 +52,20 @@ class TurnOutput(Protocol):
 
 @dataclass(frozen=True)
 class EpisodeLimits:
-    """Token and turn limits of one episode (from ``actor.*`` and ``model.max_seq_len``)."""
+    """Token and turn limits of one episode (from ``actor.*`` and ``model.max_seq_len``), and the time limit of
+    each environment call (``env.step_timeout_s``; None: calls run on the loop, unguarded against hangs)."""
 
     max_tokens_per_turn: int
     max_tokens_per_episode: int
     max_turns: int
     max_seq_len: int
+    env_timeout_s: float | None = None
 
     @classmethod
     def from_config(cls, cfg: "DcrlConfig") -> "EpisodeLimits":
         a = cfg.actor
-        return cls(a.max_tokens_per_turn, a.max_tokens_per_episode, a.max_turns, cfg.model.max_seq_len)
+        return cls(a.max_tokens_per_turn, a.max_tokens_per_episode, a.max_turns, cfg.model.max_seq_len,
+                   cfg.env.step_timeout_s)
 
 
 def turn_budget(limits: EpisodeLimits, context_len: int, prompt_len: int) -> int:
@@ -158,11 +165,11 @@ async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeL
                       timings: EpisodeTimings | None = None) -> Trajectory:
     """Play one episode of ``env`` (reset with ``seed``) with ``engine``; see the module docstring for the
     layout and finish reasons. ``engine`` needs ``generate(context, max_tokens, request_id) -> TurnOutput``.
-    ``timings``, when given, accumulates where the episode's time went."""
+    ``timings``, when given, accumulates where the episode's time went. Raises EnvFault if the env fails."""
     t = timings if timings is not None else EpisodeTimings()
     clock = time.perf_counter
     t0 = clock()
-    text = env.reset(seed)
+    text = check_observation("reset", await call_env(env.reset, seed, "reset", limits.env_timeout_s))
     t1 = clock()
     first = codec.encode(text)
     t.env_s += t1 - t0
@@ -192,7 +199,7 @@ async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeL
         t0 = clock()
         action = codec.decode(action_ids)
         t1 = clock()
-        result = env.step(action)
+        result = check_step_result(await call_env(env.step, action, "step", limits.env_timeout_s))
         t2 = clock()
         t.tokenize_s += t1 - t0
         t.env_s += t2 - t1

@@ -3,7 +3,9 @@
     python -m learner --config tiny [--set learner.steps=5] [--resume | --fresh]
     python -m learner report --run-dir runs/tiny
 
-torch, transformers and the trainer are imported after argument parsing, so ``--help`` is instant.
+torch, transformers and the trainer are imported after argument parsing, so ``--help`` is instant. A missing
+model directory, an unreachable Redis or a refused password is found before them (``preflight``) and said in
+one ``error:`` line, exit status 2 (``protocol.errors.run_main``; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from configs.schema import add_config_args, config_from_args
+from protocol.errors import add_debug_arg, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None,
                    help="report: the run directory (default: run.root/run.name of the config)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_debug_arg(p)
     return p
 
 
@@ -41,6 +45,16 @@ def _terminate(signum, frame):
     # SIGTERM (honcho, Ray, kill) unwinds like Ctrl-C: sockets and the wandb run are closed in finally
     # blocks; un-checkpointed entries stay pending in Redis and are re-read on restart.
     raise SystemExit(128 + signum)
+
+
+def preflight(cfg) -> None:
+    """The checks that are cheap now and expensive later: the model path (before torch and the model load)
+    and Redis (before minutes of loading a large model). Each raises a DcrlError naming the setting."""
+    from buffer.connection import check_reachable
+    from tiny.build import check_model_path
+
+    check_model_path(cfg)
+    check_reachable(cfg.redis, "learner")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_from_args(args)
     signal.signal(signal.SIGTERM, _terminate)
+    preflight(cfg)
     from learner.trainer import train
 
     run_dir = train(cfg, fresh=args.fresh)
@@ -69,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -175,12 +175,22 @@ class Laps:
 def actor_time_fractions(before: dict[str, "ActorReport"], now: list["ActorReport"]) -> dict[str, float]:
     """The actor-side time breakdown between two sets of ActorReports, averaged over the actors that reported
     since ``before``: fractions of each actor's wall time (engine busy, redis, weight reload, idle by reason)
-    and shares of its episodes' time (env, tokenizer, generate). Empty when no actor reported anew."""
+    and shares of its episodes' time (env, tokenizer, generate). Empty when no actor reported anew.
+
+    Also ``episode/env_errors``: episodes that environment faults ended since ``before``, summed over actors
+    (a count, not a fraction). An actor seen for the first time or restarted (its clock went back) counts all
+    of its errors, so that the per-step counts add up to the total; present when an actor reported anew or
+    when the count is not zero."""
     fracs: dict[str, list[float]] = {}
+    env_errors = 0
     for r in now:
         b = before.get(r.actor_id)
-        if b is None or r.wall_s <= b.wall_s:
+        if b is None or r.wall_s < b.wall_s:
+            env_errors += r.env_errors
             continue
+        if r.wall_s == b.wall_s:
+            continue
+        env_errors += r.env_errors - b.env_errors
         wall = r.wall_s - b.wall_s
         add = lambda k, v: fracs.setdefault(k, []).append(v)  # noqa: E731
         add("actor/engine_busy_frac", (r.engine_busy_s - b.engine_busy_s) / wall)
@@ -194,7 +204,10 @@ def actor_time_fractions(before: dict[str, "ActorReport"], now: list["ActorRepor
         if total > 0:
             for k, v in episode.items():
                 add(f"actor/episode_{k}_frac", v / total)
-    return {k: sum(v) / len(v) for k, v in fracs.items()}
+    out = {k: sum(v) / len(v) for k, v in fracs.items()}
+    if out or env_errors:
+        out["episode/env_errors"] = env_errors
+    return out
 
 
 def _init_wandb(run_dir: Path, mode: str, project: str, name: str, config: dict):

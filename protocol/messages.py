@@ -154,6 +154,7 @@ class ActorReport(msgspec.Struct, kw_only=True, frozen=True):
     idle_s: dict[str, float] = {}  # no new group admitted, by reason ("staleness_cap", "waiting_for_learner", ...)
     generated_tokens: int = 0
     groups_sent: int = 0
+    env_errors: int = 0  # episodes an environment fault ended (envs.guard.EnvFault); their groups were dropped
 
 
 # Actor -> learner weight file server (ZMQ DEALER -> ROUTER), for actors without the learner's filesystem.

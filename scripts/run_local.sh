@@ -13,13 +13,15 @@ if [ ! -f .env ]; then
   # A per-checkout Redis password: the Procfile's redis-server requires it, every process reads it.
   printf 'DCRL_REDIS_PASSWORD=%s\n' "$(python -c 'import secrets; print(secrets.token_hex(16))')" > .env
 fi
+# A bad config (DCRL_CONFIG, DCRL_SET) stops here with one error line, exit 2, like every dcrl command.
 dirs=$(python -c "
 import sys
 from configs import ConfigError, load_config
 try:
     c = load_config(sys.argv[1])
 except ConfigError as e:
-    sys.exit(f'error: {e}')
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 print(c.run.dir); print(c.redis.data_dir)" "$DCRL_CONFIG")
 { read -r run_dir; read -r redis_dir; } <<< "$dirs"
 if [ "${DCRL_RESUME:-0}" != 1 ]; then

@@ -186,5 +186,5 @@ def test_serve_refuses_a_non_loopback_url():
 def test_stats_cli_without_a_server_fails_with_one_clear_line():
     url = f"redis://127.0.0.1:{free_port()}/0"
     proc = run_cli("stats", "--set", f"redis.url={url}", "--set", "redis.connect_timeout_s=0.5")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "unreachable" in proc.stderr and url in proc.stderr and "Traceback" not in proc.stderr

@@ -189,3 +189,18 @@ def test_env_factory_checks_once_and_makes_fresh_instances():
         env_factory("guess_number", {"colour": 1})
     with pytest.raises(EnvError, match="not a built-in"):
         env_factory("nope")
+
+
+def test_make_env_import_errors_say_how_the_module_is_found(tmp_path, monkeypatch):
+    with pytest.raises(EnvError, match="imported from sys.path.*PYTHONPATH"):
+        make_env("no_such_module_xyz:Env", {})
+    (tmp_path / "needs_missing_dep.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "broken_top_level.py").write_text("raise RuntimeError('bad top level')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EnvError) as err:  # the module is found; what it imports is not: no sys.path hint
+        make_env("needs_missing_dep:Env", {})
+    assert "no_such_dependency_xyz" in str(err.value) and "PYTHONPATH" not in str(err.value)
+    with pytest.raises(EnvError, match="importing module 'broken_top_level' raised RuntimeError: bad top level"):
+        make_env("broken_top_level:Env", {})
+    for name in ("needs_missing_dep", "broken_top_level"):
+        sys.modules.pop(name, None)

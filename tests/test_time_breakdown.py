@@ -41,6 +41,17 @@ def test_actor_fractions_skip_a_restarted_actor_and_are_empty_without_new_report
     assert actor_time_fractions(before, [before["a"]]) == {}
 
 
+def test_env_errors_are_summed_over_actors_as_counts_since_the_last_reports():
+    before = {"a": report("a", 10.0, env_errors=2), "b": report("b", 10.0, env_errors=5)}
+    now = [report("a", 20.0, env_errors=3),  # 1 new
+           report("b", 10.0, env_errors=5),  # no new report
+           report("c", 4.0, env_errors=4)]  # first report: all of its errors are new
+    assert actor_time_fractions(before, now)["episode/env_errors"] == 5
+    # A restarted actor (clock went back) counts its errors from its new start; no fractions for it yet.
+    assert actor_time_fractions(before, [report("a", 1.0, env_errors=1)]) == {"episode/env_errors": 1}
+    assert actor_time_fractions(before, [report("a", 20.0, env_errors=2)])["episode/env_errors"] == 0
+
+
 def test_laps_charge_time_to_the_phase_that_ended():
     laps = Laps("cpu")
     laps("a")

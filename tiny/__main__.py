@@ -10,26 +10,24 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 from configs.schema import add_config_args, config_from_args
-from tiny.build import ensure_model, read_stamp
+from protocol.errors import add_debug_arg, run_main
+from tiny.build import check_model_path, ensure_model, read_stamp
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tiny", description=__doc__.split("\n")[0])
     add_config_args(parser)
+    add_debug_arg(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
     parser.add_argument("--sample", type=int, default=0, metavar="N",
                         help="then play N episodes of cfg.env with real vLLM and print them "
                              "(python -m actors.sample)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if not cfg.model.build_tiny and not Path(cfg.model.path).exists():
-        print(f"error: model.build_tiny is false and {cfg.model.path} does not exist", file=sys.stderr)
-        return 2
+    check_model_path(cfg)
     t0 = time.monotonic()
     path = ensure_model(cfg, force=args.force)
     stamp = read_stamp(path)
@@ -44,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

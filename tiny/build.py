@@ -21,12 +21,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.errors import DcrlError
 from tiny.data import arithmetic_segments, encode_segments, guess_segments, masked_nll, pad_batch
 from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
 from tiny.tokenizer import build_tokenizer, save_tokenizer, vocab_layout
@@ -230,6 +232,36 @@ def _build_lock(model_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class ModelPathError(DcrlError, RuntimeError):
+    """``model.path`` names no usable model; the message says which setting to change."""
+
+
+# What transformers and vLLM take for a Hugging Face hub id rather than a local path: "org/name".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(cfg: "DcrlConfig") -> None:
+    """With ``model.build_tiny`` false, ``model.path`` must be a directory holding a config.json, or a hub id
+    (``org/name``; transformers and vLLM find it in their cache or download it, so it is not checked here).
+    Raises ModelPathError otherwise: the entry points call this at start, before Redis, torch or vLLM, so that
+    a typo in the path is one line instead of a loader's traceback minutes later. A relative path that looks
+    like a hub id (``runs/model``) and does not exist is left to the loader."""
+    if cfg.model.build_tiny:
+        return  # ensure_model builds it
+    raw = cfg.model.path
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelPathError(f"model.path {raw}: no config.json there, so not a Hugging Face model "
+                                 "directory (point model.path at one, or set model.build_tiny=true)")
+        return
+    if path.exists():
+        raise ModelPathError(f"model.path {raw} is a file; it must be a Hugging Face model directory or hub id")
+    if not HUB_ID.match(raw):
+        raise ModelPathError(f"model.path {raw}: no such directory (point model.path at a Hugging Face model "
+                             "directory or hub id org/name, or set model.build_tiny=true to build the tiny model)")
+
+
 def ensure_model(cfg: "DcrlConfig", force: bool = False, log=print) -> Path:
     """The HF model dir of ``cfg.model.path``, built and warm-started first if needed.
 
@@ -245,9 +277,9 @@ def ensure_model(cfg: "DcrlConfig", force: bool = False, log=print) -> Path:
         if not force and is_current(path, cfg):
             return path
         if path.exists() and any(path.iterdir()) and read_stamp(path) is None:
-            raise RuntimeError(f"model.path {path} holds files not built by tiny.build; "
-                               "refusing to overwrite it (point model.path elsewhere or set "
-                               "model.build_tiny=false)")
+            raise ModelPathError(f"model.path {path} holds files not built by tiny.build; "
+                                 "refusing to overwrite it (point model.path elsewhere or set "
+                                 "model.build_tiny=false)")
         tmp = path.parent / f".{path.name}.build-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
