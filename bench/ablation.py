@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--delta-sweep", action="store_true", help="also DCMDP in the hetero regime at 0.5x-20x the floor")
+    p.add_argument("--sweep-seeds", type=int, nargs="+", default=None, help="seeds of the delta sweep (default: --seeds)")
     p.add_argument("--quick", action="store_true", help="smoke run: dcmdp and none, seed 0, default, 12 steps")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "ablation"))
     args = p.parse_args()
@@ -154,7 +155,7 @@ def main() -> None:
     if args.delta_sweep:
         cells += [("delta_sweep", f"dcmdp x{m:g}", seed,
                    REGIMES["hetero"] + ["controller.mode=dcmdp", f"controller.auto_slack={m - 1:g}"])
-                  for m in SWEEP for seed in args.seeds]
+                  for m in SWEEP for seed in (args.sweep_seeds or args.seeds)]
     results: dict[str, dict[str, list[dict]]] = {}
     for i, (regime, mode, seed, sets) in enumerate(cells):
         name = f"{regime}-{mode.replace(' ', '')}-s{seed}"
