@@ -9,6 +9,13 @@ transformers are imported only after the arguments are parsed (``--help`` answer
 checks that fail fast: a bad ``env.name``/``env.kwargs``, a missing model directory, an unreachable Redis or a
 refused password is one ``error:`` line, exit status 2 (``protocol.errors.run_main``; ``--debug`` adds the
 traceback).
+
+Supervision (``actors/supervisor.py``): this process is a small supervisor; the actor itself runs in a child
+process (the same command line plus ``--no-supervise``) in a process group of its own, with vLLM's processes.
+Whenever that child ends, even by SIGKILL, its whole group (vLLM's EngineCore and Workers) is stopped, so
+nothing is left holding a GPU; a crash (a signal, or a status other than 0 and 2) restarts it, after a backoff,
+at most ``actor.max_restarts`` times. SIGTERM and SIGINT are passed on to the actor, and the supervisor then
+exits with its status. ``--no-supervise`` runs the actor in this process instead (a debugger, a profiler).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_arg(parser)
     parser.add_argument("--actor-id", default=None,
                         help="actor id (default: $DCRL_ACTOR_ID, else honcho's $HONCHO_PROCESS_NAME or foreman's $PS, else actor-0)")
+    parser.add_argument("--no-supervise", action="store_true",
+                        help="run the actor in this process: no restarts (actor.max_restarts), and vLLM's processes "
+                             "outlive a SIGKILL of it")
     return parser
 
 
@@ -102,7 +112,13 @@ def preflight(cfg, actor_id: str) -> None:
     check_reachable(cfg.redis, actor_id)
 
 
+# A supervised actor whose supervisor died (and so sent it SIGTERM) gets this long to stop by itself before its
+# process group, vLLM's processes with it, is SIGKILLed (actors.supervisor.watch_supervisor).
+ORPHAN_GRACE_S = 30.0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from configs.schema import config_from_args
 
@@ -112,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     actor_id = resolve_actor_id(args.actor_id, os.environ)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from actors.supervisor import supervise, watch_supervisor
+
+    if not args.no_supervise:
+        return supervise([sys.executable, "-m", "actors", *argv, "--no-supervise"], name=actor_id,
+                         max_restarts=cfg.actor.max_restarts)
+    watch_supervisor(ORPHAN_GRACE_S)
     preflight(cfg, actor_id)
     # vLLM's per-request INFO lines would drown the status line; its warnings stay visible.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

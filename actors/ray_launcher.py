@@ -5,8 +5,10 @@
 
 Each role runs the same command line as under honcho (``python -m learner`` / ``python -m actors``) as
 the child process of a Ray actor that holds its resources (``ray.num_gpus_per_actor`` GPUs per actor
-replica, ``ray.num_gpus_learner`` for the learner). The child dies with its Ray worker (PDEATHSIG), and
-Ray restarts a crashed replica (``max_restarts``); the new replica keeps its actor id, gives back the
+replica, ``ray.num_gpus_learner`` for the learner). The child dies with its Ray worker (PDEATHSIG; an actor's
+supervisor then stops the actor and its vLLM processes, see actors/supervisor.py), and Ray restarts a crashed
+replica (``ray.max_restarts``; the actors run with ``actor.max_restarts=0``, so that Ray is the one to restart
+them); the new replica keeps its actor id, gives back the
 admission slots its predecessor held, and loads the latest published weights from the control hash
 before it generates. The data plane is Redis at ``redis.url`` (or ``DCRL_REDIS_URL``); with
 ``--start-redis`` the launcher runs a loopback redis-server itself. The job ends when the learner exits.
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     actors = [
         Role.options(name=f"{cfg.run.name}-actor-{i}", num_cpus=0, num_gpus=cfg.ray.num_gpus_per_actor,
                      max_restarts=cfg.ray.max_restarts, max_task_retries=-1)
-        .remote(role_argv("actors", args, ["--actor-id", f"actor-{i}"]), child_env,
+        .remote(role_argv("actors", args, ["--actor-id", f"actor-{i}", "--set", "actor.max_restarts=0"]), child_env,
                 str(run_dir / "logs" / f"actor-{i}.log"))
         for i in range(n)
     ]

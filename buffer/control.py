@@ -7,7 +7,8 @@ Actors:   give_back(actor_id) once at start (slots a predecessor under the same 
           writer.send(group, slot) (or cancel(slot) if the group never reaches the writer) };
           latest_weights() when joining late; keep_lease() every few seconds (from a thread of its own)
           while they may hold admitted slots.
-Tools:    counters() and held() for ``python -m buffer stats`` and tests.
+Tools:    counters() and held() for ``python -m buffer stats`` and tests; live_actors() / describe_actors()
+          (who holds a lease, for how long, when it last reported) for the learner's wait messages.
 
 The ledger (see :mod:`buffer.admission` for the scripts): an admission is a slot token, and every change of
 its state is one atomic Lua script, so that a process killed between any two steps leaks no slot and
@@ -30,14 +31,48 @@ Invariant: ``produced == held() + admitted entries written and not dead-lettered
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 from configs.schema import RedisConfig
 from protocol import ActorReport, Control, ProtocolError, WeightsReady, decode, encode
 
 from buffer.admission import (ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity,
                               ledger_reconciles)
-from buffer.connection import Retrier, connect
+from buffer.connection import Retrier, connect, redact_url
 from buffer.keys import Keys
+
+# An actor's report and the Redis server's clock at that moment, in one step: KEYS[1] the actors hash, KEYS[2]
+# the actors_seen hash; ARGV[1] actor id, ARGV[2] encode(ActorReport). The server's clock (not the actor's)
+# so that the learner, on another machine, measures the report's age on the same clock.
+REPORT_LUA = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ActorLiveness:
+    """One actor that holds a lease now (``ControlPlane.live_actors``)."""
+
+    actor_id: str
+    lease_left_s: float  # until the lease lapses unless renewed (every actor.lease_s / 3)
+    report_age_s: float | None  # since its latest ActorReport (None: none yet, e.g. still starting vLLM)
+    held: int  # admitted slots it holds (groups admitted, not yet sent)
+
+    def describe(self) -> str:
+        report = "no report yet" if self.report_age_s is None else f"last report {self.report_age_s:.0f} s ago"
+        held = f", {self.held} admitted group{'s' if self.held != 1 else ''} not yet sent" if self.held else ""
+        return f"{self.actor_id} (lease {self.lease_left_s:.0f} s left, {report}{held})"
+
+
+def describe_live_actors(actors: list[ActorLiveness], cfg: RedisConfig) -> str:
+    """One phrase for a message: who is alive under ``cfg.prefix``, or what to check when nobody is."""
+    if not actors:
+        return (f"no actor holds a lease under redis.prefix {cfg.prefix!r} at {redact_url(cfg.url)}: start one "
+                "(python -m actors) or check that it uses the same redis.url and redis.prefix")
+    return f"live actors: {', '.join(a.describe() for a in actors)}"
 
 
 def control_capacity(c: Control) -> int:
@@ -58,6 +93,7 @@ class ControlPlane:
         self._cancel = self.client.register_script(CANCEL_LUA)
         self._give_back = self.client.register_script(GIVE_BACK_LUA)
         self._reclaim = self.client.register_script(RECLAIM_LUA)
+        self._report = self.client.register_script(REPORT_LUA)
 
     def read_control(self) -> Control | None:
         """The learner's last Control, or None before the first write_control."""
@@ -107,7 +143,8 @@ class ControlPlane:
 
     def report_actor(self, report: ActorReport) -> None:
         """Store an actor's latest time breakdown (actors, every ``actor.report_interval_s``)."""
-        self._retry.call(self.client.hset, self.keys.actors, report.actor_id, encode(report))
+        self._retry.call(self._report, keys=[self.keys.actors, self.keys.actors_seen],
+                         args=[report.actor_id, encode(report)])
 
     def actor_reports(self) -> list[ActorReport]:
         """Every actor's latest report; malformed ones are skipped (the learner's metrics must not fail on them)."""
@@ -125,6 +162,41 @@ class ControlPlane:
 
     def drop_lease(self, actor_id: str) -> None:
         self._retry.call(self.client.delete, self.keys.lease(actor_id))
+
+    def live_actors(self) -> list[ActorLiveness]:
+        """The actors holding a lease now, by id: the lease's time left, the age of their latest report (on the
+        Redis server's clock) and the slots they hold. Not one atomic snapshot (a SCAN of the lease keys, then
+        one pipeline); for messages and tools, not for decisions."""
+        def read() -> list[ActorLiveness]:
+            lease_keys = sorted(self.client.scan_iter(match=self.keys.lease("*"), count=1000))
+            pipe = self.client.pipeline(transaction=False)
+            for key in lease_keys:
+                pipe.pttl(key)
+            pipe.hgetall(self.keys.actors_seen)
+            pipe.hvals(self.keys.held)
+            pipe.time()
+            *ttls, seen, held, (now_s, now_us) = pipe.execute()
+            now = now_s + now_us / 1e6
+            start = len(self.keys.lease(""))
+            out = []
+            for key, ttl_ms in zip(lease_keys, ttls):
+                if ttl_ms == -2:  # expired between the SCAN and the PTTL
+                    continue
+                actor = key[start:]
+                at = seen.get(actor)
+                out.append(ActorLiveness(
+                    actor_id=actor.decode(errors="replace"),
+                    lease_left_s=max(ttl_ms, 0) / 1000.0,  # -1 (no TTL: set by hand) reads as 0
+                    report_age_s=None if at is None else max(now - float(at), 0.0),
+                    held=sum(v == actor for v in held)))
+            return out
+
+        return self._retry.call(read)
+
+    def describe_actors(self) -> str:
+        """:func:`describe_live_actors` of :meth:`live_actors`: "live actors: actor-0 (lease 12 s left, last
+        report 3 s ago)", or which settings to check when no actor holds a lease."""
+        return describe_live_actors(self.live_actors(), self.cfg)
 
     def reclaim_expired(self) -> list[tuple[str, int]]:
         """Give back the held slots of actors whose lease expired (dead without a restart under the same id);

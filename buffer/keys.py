@@ -84,6 +84,13 @@ class Keys:
         read by the learner for the actor-side time breakdown of its metrics."""
         return f"{self.prefix}:actors"
 
+    @property
+    def actors_seen(self) -> str:
+        """Hash: field actor id = the Redis server's clock (``TIME``, seconds as a decimal string) at that actor's
+        latest report, written in one script with the ``actors`` field (``ControlPlane.report_actor``); read by
+        ``ControlPlane.live_actors`` ("last report N s ago" in the learner's wait messages)."""
+        return f"{self.prefix}:actors_seen"
+
     def lease(self, actor_id: str) -> str:
         """An actor's liveness lease, with a TTL: set by the actor (``ControlPlane.keep_lease``, every lease_s / 3;
         deleted by ``drop_lease`` on a clean exit). While it exists, the slots of ``held`` whose value is
@@ -93,4 +100,4 @@ class Keys:
     def all(self) -> tuple[str, ...]:
         """Every key of the run but the leases (they expire), for ``ControlPlane.reset``."""
         return (self.traj, self.dead, self.control, self.produced, self.held, self.delivered, self.consumed,
-                self.consumed_admitted, self.dead_count, self.actors)
+                self.consumed_admitted, self.dead_count, self.actors, self.actors_seen)

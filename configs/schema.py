@@ -198,6 +198,10 @@ class ActorConfig(_Strict):
     other actors; before that, they count against the admission capacity."""
     drain_timeout_s: float = Field(300.0, gt=0)
     """On Control.stop or max_groups: wait this long for in-flight groups to finish, then cancel the rest."""
+    max_restarts: int = Field(5, ge=0)
+    """``python -m actors`` restarts a crashed actor (killed by a signal, or an exit status other than 0 and 2)
+    at most this many times, after a backoff of 1, 2, 4 ... 30 s (actors/supervisor.py). 0: never. Under Ray,
+    Ray restarts replicas instead (``ray.max_restarts``) and the launcher sets this to 0."""
 
 
 class LearnerConfig(_Strict):

@@ -270,7 +270,7 @@ class Learner:
         deadline = t0 + self.cfg.learner.wait_timeout_s
         seen = set(self.unacked)
         entries = []
-        reclaimed_at = t0
+        reclaimed_at = told_at = t0
         while len(entries) < need:
             got = self.reader.receive(need - len(entries), block_ms=self.cfg.redis.read_block_ms,
                                       current_version=self.version, max_lag=cap)
@@ -289,8 +289,12 @@ class Learner:
             if len(entries) < need and time.monotonic() > deadline:
                 raise RuntimeError(
                     f"learner: only {len(entries)}/{need} groups after {self.cfg.learner.wait_timeout_s:.0f}s "
-                    f"(learner.wait_timeout_s); are the actors running against the same redis.url and "
-                    f"redis.prefix ({self.cfg.redis.prefix!r})?")
+                    f"(learner.wait_timeout_s): {self.control.describe_actors()}")
+            if len(entries) < need and time.monotonic() - told_at >= 30.0:
+                # A long wait says why: which actors are alive (their leases), or that none is.
+                told_at = time.monotonic()
+                log.info("learner: %d/%d groups after waiting %.0f s; %s", len(entries), need, told_at - t0,
+                         self.control.describe_actors())
         return entries, time.monotonic() - t0
 
     # -- one optimizer step

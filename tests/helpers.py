@@ -103,3 +103,20 @@ def sigkill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux /proc): e.g. the worker of a supervised ``python -m actors``."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited: no such process, or a zombie waiting for its (new) parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")

@@ -315,17 +315,20 @@ def test_learner_cli_fresh_discards_checkpoints(tmp_path, redis_url, random_tiny
 def test_learner_collect_fails_clearly_when_no_data_arrives(tmp_path, redis_url, random_tiny_dir, data_model):
     import torch
 
-    from buffer import GroupReader
+    from buffer import ControlPlane, GroupReader
 
     cfg = learner_cfg(tmp_path, redis_url, random_tiny_dir, "learner.wait_timeout_s=0.5", "redis.read_block_ms=100")
     push(cfg, make_groups(data_model, 1))  # one group of the two a step needs
     learner = _bare_learner(cfg, data_model, torch.optim.SGD(data_model.parameters(), lr=0.0))
     learner.reader = GroupReader(cfg.redis, "learner-0")
-    try:
-        with pytest.raises(RuntimeError, match=r"only 1/2 groups .*learner.wait_timeout_s"):
+    learner.control = ControlPlane(cfg.redis)
+    try:  # no actor ever held a lease (tests/test_liveness.py: the message with live actors)
+        with pytest.raises(RuntimeError, match=r"only 1/2 groups .*learner.wait_timeout_s\): no actor holds a lease "
+                                               r"under redis.prefix 'lt'"):
             learner.collect()
     finally:
         learner.reader.close()
+        learner.control.close()
 
 
 def test_learner_collect_dead_letters_groups_whose_newest_token_is_past_the_cap(tmp_path, redis_url,

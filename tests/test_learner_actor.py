@@ -17,6 +17,7 @@ import pytest
 
 from buffer.server import free_port
 from configs.schema import load_config
+from helpers import child_pids
 from learner.metrics import REQUIRED_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow  # starts learner and actor processes
@@ -124,7 +125,9 @@ def held_by(r, actor_id: str) -> int:
 def test_actor_killed_holding_admissions_gives_them_back_when_its_lease_lapses(tmp_path, redis_url):
     """Two actors, synchronous admission (K = 0: one batch of slots at a time). actor-2 is SIGKILLed while it
     holds admitted groups and never comes back: without leases those slots would stay counted against the
-    capacity and the learner would wait for them until learner.wait_timeout_s."""
+    capacity and the learner would wait for them until learner.wait_timeout_s. The process killed is the actor
+    itself, the worker of its supervisor (a SIGKILLed supervisor would let it stop gracefully and give its slots
+    back), with actor.max_restarts=0 for actor-2: the supervisor then stops its vLLM processes and exits."""
     import signal
     import time
 
@@ -152,8 +155,9 @@ def test_actor_killed_holding_admissions_gives_them_back_when_its_lease_lapses(t
     procs = {"learner": subprocess.Popen([sys.executable, "-m", "learner", "--config", "tiny", *sets], cwd=ROOT,
                                          env=env, stdout=log, stderr=subprocess.STDOUT)}
     for a in ("actor-1", "actor-2"):
-        procs[a] = subprocess.Popen([sys.executable, "-m", "actors", "--config", "tiny", *sets, "--actor-id", a],
-                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        no_restart = ["--set", "actor.max_restarts=0"] if a == "actor-2" else []
+        procs[a] = subprocess.Popen([sys.executable, "-m", "actors", "--config", "tiny", *sets, *no_restart,
+                                     "--actor-id", a], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     r = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 240
@@ -164,7 +168,9 @@ def test_actor_killed_holding_admissions_gives_them_back_when_its_lease_lapses(t
             time.sleep(0.02)
         held = held_by(r, "actor-2")
         assert held > 0, (tmp_path / "all.log").read_text()[-3000:]
-        procs["actor-2"].send_signal(signal.SIGKILL)
+        (worker,) = child_pids(procs["actor-2"].pid)
+        os.kill(worker, signal.SIGKILL)
+        assert procs["actor-2"].wait(timeout=60) == 128 + signal.SIGKILL  # not restarted; its vLLM stopped
         assert procs["learner"].wait(timeout=240) == 0, (tmp_path / "all.log").read_text()[-4000:]
         assert procs["actor-1"].wait(timeout=120) == 0
     finally:
