@@ -288,7 +288,8 @@ class Actor:
             if len(jobs) < max_jobs:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
-                elif (slot := await self._admit()) is not None:
+                elif (admission := await self._admit())[0] is not None:
+                    slot = admission[0]
                     # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
                     # during the catch-up would otherwise leave it admitted and never streamed).
                     self._unstarted.append(slot)
@@ -299,6 +300,8 @@ class Actor:
                     admitted += 1
                     self.idle_reason = None
                     continue  # fill every free slot before waiting
+                elif admission[1] == "weights" and await self.weights.refresh():
+                    continue  # capacity is free, only for newer weights than the engine's: loaded, admit again
                 else:
                     self.idle_reason = f"at staleness cap K={ctrl.max_staleness}"
             else:
@@ -310,9 +313,11 @@ class Actor:
                 kind = idle_kind(idle)
                 self.stats.idle_s[kind] = self.stats.idle_s.get(kind, 0.0) + time.monotonic() - t0
 
-    async def _admit(self) -> str | None:
-        """A slot from the admission ledger, or None at capacity."""
-        fut = self._control_io.submit(self.control.admit, self.actor_id)
+    async def _admit(self) -> tuple[str | None, str]:
+        """A slot from the admission ledger for a group sampled with the engine's weights, or (None, why):
+        ``ControlPlane.admit_at``. The capacity is that of the engine's weights, so that the group is trained
+        at most K versions after them (``buffer.admission.weights_capacity``)."""
+        fut = self._control_io.submit(self.control.admit_at, self.actor_id, self.engine.version)
         try:
             return await self._race(fut)
         except Stopping:

@@ -256,6 +256,13 @@ class WeightSync:
             await self.sync(stored)
         return ctrl
 
+    async def refresh(self) -> bool:
+        """Load the newest published weights now, whatever the reload budget (admission refused a group only
+        because the engine's weights are too old). True if the engine's version moved."""
+        before = self.engine.version
+        await self.sync(await self._redis(self.control.latest_weights))
+        return self.engine.version > before
+
     async def sync(self, w: WeightsReady | None) -> None:
         """Load ``w`` if it is newer than the engine's weights and not refused before; refuse it (one log
         line, current weights kept) if no file with its sha256 can be had."""

@@ -94,21 +94,35 @@ local function give_back(counter, n)
 end
 """
 
+def weights_capacity(capacity: int, version: int, batch_groups: int, weights_version: int) -> int:
+    """The capacity for a group sampled with weights ``weights_version`` while the learner is at ``version``:
+    ``capacity`` less one batch per version the weights are behind, i.e. (K + weights_version + 1) *
+    batch_groups. A group admitted under it is trained about K versions after its weights at most, not K
+    after the learner's version (which, with weights up to K versions old, allowed a lag of 2 K)."""
+    return capacity - max(version - weights_version, 0) * batch_groups
+
+
 # admitted -> held. KEYS[1] control hash, KEYS[2] produced counter, KEYS[3] held hash;
-# ARGV[1] slot token (drawn by the caller), ARGV[2] actor id.
-# Returns 1 admitted (produced incremented, token held), 0 at capacity, -1 no control written yet (not
-# admitted). A token already held returns 1 without counting again: a retry after a lost reply is harmless.
+# ARGV[1] slot token (drawn by the caller), ARGV[2] actor id, ARGV[3] the weights version the group will be
+# sampled with (-1: not known, the learner's capacity alone). The control hash holds 'capacity' and beside it
+# the 'version' and 'batch_groups' it was computed from (weights_capacity).
+# Returns 1 admitted (produced incremented, token held), 0 at capacity, 2 at the capacity of the caller's
+# weights only (newer weights would be admitted), -1 no control written yet (not admitted). A token already
+# held returns 1 without counting again: a retry after a lost reply is harmless.
 ADMIT_LUA = """
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 1 end
 local cap = redis.call('HGET', KEYS[1], 'capacity')
 if not cap then return -1 end
+cap = tonumber(cap)
 local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
-if produced < tonumber(cap) then
-  redis.call('INCR', KEYS[2])
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-  return 1
-end
-return 0
+if produced >= cap then return 0 end
+local w = tonumber(ARGV[3] or '-1')
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
+local bg = tonumber(redis.call('HGET', KEYS[1], 'batch_groups') or '0')
+if w >= 0 and v > w and produced >= cap - (v - w) * bg then return 2 end
+redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return 1
 """
 
 # held -> delivered. KEYS[1] stream, KEYS[2] held hash, KEYS[3] produced counter, KEYS[4] delivered hash;

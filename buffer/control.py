@@ -103,7 +103,8 @@ class ControlPlane:
     def write_control(self, c: Control) -> None:
         """Store ``c`` and its admission capacity in one HSET, so admit never sees one without the other."""
         self._retry.call(self.client.hset, self.keys.control,
-                         mapping={"control": encode(c), "capacity": control_capacity(c)})
+                         mapping={"control": encode(c), "capacity": control_capacity(c), "version": c.version,
+                                  "batch_groups": c.batch_groups})
 
     def set_weights(self, w: WeightsReady) -> None:
         """Store the latest WeightsReady for actors that join after its ZMQ announcement."""
@@ -113,16 +114,27 @@ class ControlPlane:
         raw = self._retry.call(self.client.hget, self.keys.control, "weights")
         return None if raw is None else decode(raw, WeightsReady)
 
-    def admit(self, actor_id: str) -> str | None:
+    def admit(self, actor_id: str, weights_version: int | None = None) -> str | None:
         """Atomically: if produced < capacity, INCR produced and hold a new slot token for ``actor_id``; returns
         the token (pass it to ``GroupWriter.send`` or ``cancel``), or None at capacity or before any control.
+        With ``weights_version`` (the weights the group will be sampled with) the capacity is that of those
+        weights (``admission.weights_capacity``): see :meth:`admit_at`.
 
         The token ``"<actor_id>:<16 hex digits>"`` is drawn here (``secrets``), so no other writer can guess
         it; a retry of the same call after a lost reply finds it held and counts it once."""
+        return self.admit_at(actor_id, weights_version)[0]
+
+    def admit_at(self, actor_id: str, weights_version: int | None) -> tuple[str | None, str]:
+        """:meth:`admit` and why not: ``(slot, "")``, or ``(None, reason)`` with reason ``"capacity"`` (the
+        learner's cap K), ``"weights"`` (only the caller's weights are too old: newer ones would be admitted)
+        or ``"no control"`` (no learner yet)."""
         slot = f"{actor_id}:{secrets.token_hex(8)}"
+        w = -1 if weights_version is None else int(weights_version)
         ok = self._retry.call(self._admit, keys=[self.keys.control, self.keys.produced, self.keys.held],
-                              args=[slot, actor_id])
-        return slot if ok == 1 else None
+                              args=[slot, actor_id, w])
+        if ok == 1:
+            return slot, ""
+        return None, {0: "capacity", 2: "weights"}.get(int(ok), "no control")
 
     def cancel(self, slot: str) -> bool:
         """Give back the admission ``slot`` of a group that will never reach the writer. True if it was held;

@@ -64,6 +64,27 @@ def test_admit_stops_exactly_at_admission_capacity(redis_url, version, k, batch)
     assert plane.held("actor-0") == plane.held() == admission_capacity(version + 1, k, batch)
 
 
+def test_admit_at_counts_the_capacity_of_the_callers_weights(redis_url):
+    """Weights w versions behind the learner admit w batches fewer: a group is trained at most K versions
+    after the weights that sample it (not K after the learner's version, which allowed a lag of 2 K)."""
+    from buffer.admission import weights_capacity
+
+    plane = _plane(redis_url)
+    plane.write_control(Control(version=5, max_staleness=2, batch_groups=2))
+    cap = admission_capacity(5, 2, 2)
+    assert weights_capacity(cap, 5, 2, 3) == admission_capacity(3, 2, 2) == 12
+    for _ in range(12):
+        assert plane.admit_at("actor-0", 3)[0] is not None
+    assert plane.admit_at("actor-0", 3) == (None, "weights")  # full for v3 weights, not for the learner's
+    assert plane.admit_at("actor-0", 6)[0] is not None  # newer than the learner: the learner's capacity holds
+    for _ in range(3):
+        assert plane.admit("actor-0", weights_version=5) is not None
+    assert plane.admit_at("actor-0", 5) == (None, "capacity")
+    assert plane.counters()["produced"] == plane.held() == cap
+    plane.write_control(Control(version=5, max_staleness=2, batch_groups=2, stop=True))
+    assert plane.admit_at("actor-0", 5) == (None, "capacity")
+
+
 def test_admit_concurrent_callers_never_exceed_capacity(redis_url):
     capacity = admission_capacity(3, 2, 4)
     _plane(redis_url).write_control(Control(version=3, max_staleness=2, batch_groups=4))
