@@ -52,8 +52,8 @@ def trl_child(config: str, overrides: list[str], steps: int, out: Path) -> None:
     model_dir = ensure_model(cfg, log=lambda *a: None)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if cfg.env.name != "arithmetic" or cfg.actor.max_turns != 1:
-        raise SystemExit("peer_trl: the TRL side runs single-turn tasks only (env.name = arithmetic)")
+    if cfg.actor.max_turns != 1 or cfg.env.name not in ("arithmetic", "chain_sum"):
+        raise SystemExit("peer_trl: the TRL side runs the single-turn built-in tasks (env.name = arithmetic, chain_sum)")
 
     # The prompts the actor would draw: env.reset(seed) for seeds of the run; the reward replays the env.
     n_prompts = steps * cfg.learner.batch_groups

@@ -108,6 +108,50 @@ class Arithmetic:
         return StepResult(observation="", reward=reward, done=True)
 
 
+class ChainSum:
+    """Single turn with a worked answer: ``reset`` shows ``12+34+56+78=``; the model writes the running sums
+    out, ``12+34=46,46+56=102,102+78=180`` (about 9 tokens per step: generation is real work), and the
+    reward is 1.0 when the number after the last ``=`` is the total, else 0.0 (the steps are not graded).
+
+    kwargs: ``terms`` (numbers to add, 2-8, default 4), ``digits`` (operand digits, default 2).
+    """
+
+    def __init__(self, terms: int = 4, digits: int = 2):
+        if not 2 <= int(terms) <= 8:
+            raise EnvError(f"chain_sum: terms must be in [2, 8], got {terms}")
+        if not 1 <= int(digits) <= 4:
+            raise EnvError(f"chain_sum: digits must be in [1, 4], got {digits}")
+        self.terms, self.digits = int(terms), int(digits)
+        self.numbers: list[int] | None = None
+
+    @staticmethod
+    def draw(seed: int, terms: int, digits: int) -> list[int]:
+        rng = random.Random(seed)
+        lo = 0 if digits == 1 else 10 ** (digits - 1)
+        return [rng.randint(lo, 10**digits - 1) for _ in range(terms)]
+
+    def reset(self, seed: int) -> str:
+        self.numbers = self.draw(seed, self.terms, self.digits)
+        return "+".join(map(str, self.numbers)) + "="
+
+    def worked_answer(self) -> str:
+        """The teacher's answer (the warm start's data): every partial sum written out."""
+        if self.numbers is None:
+            raise RuntimeError("chain_sum: worked_answer() before reset()")
+        steps, acc = [], self.numbers[0]
+        for x in self.numbers[1:]:
+            steps.append(f"{acc}+{x}={acc + x}")
+            acc += x
+        return ",".join(steps)
+
+    def step(self, action: str) -> StepResult:
+        if self.numbers is None:
+            raise RuntimeError("chain_sum: step() before reset()")
+        final = action.rsplit("=", 1)[-1]
+        reward = 1.0 if parse_int(final) == sum(self.numbers) else 0.0
+        return StepResult(observation="", reward=reward, done=True)
+
+
 def guess_reward(turns: int, decay: float = 0.05, floor: float = 0.1) -> float:
     """Reward for finding the number on turn ``turns`` (1-based): max(floor, 1 - decay * (turns - 1))."""
     return max(floor, 1.0 - decay * (turns - 1))
@@ -156,7 +200,7 @@ class GuessNumber:
         return StepResult(observation="higher:" if guess < self.target else "lower:", reward=0.0, done=False)
 
 
-BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": GuessNumber}
+BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": GuessNumber, "chain_sum": ChainSum}
 
 
 def resolve_env_class(name: str) -> type:

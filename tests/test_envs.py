@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from envs import Arithmetic, Env, EnvError, GuessNumber, StepResult, guess_reward, make_env, parse_int
+from envs import Arithmetic, ChainSum, Env, EnvError, GuessNumber, StepResult, guess_reward, make_env, parse_int
 
 CHARSET = "\n" + "".join(chr(c) for c in range(32, 127))  # the tiny tokenizer's characters
 
@@ -120,6 +120,22 @@ def test_builtin_observations_stay_in_tokenizer_charset():
     env.reset(0)
     texts += [env.step("x").observation, env.step("0").observation]
     assert set("".join(texts)) <= set(CHARSET)
+
+
+def test_chain_sum_rewards_the_final_number_of_a_worked_answer():
+    env = make_env("chain_sum", {"terms": 4})
+    prompt = env.reset(3)
+    nums = [int(x) for x in prompt.rstrip("=").split("+")]
+    assert len(nums) == 4 and all(10 <= x <= 99 for x in nums)
+    worked = env.worked_answer()
+    assert worked.count(",") == 2 and worked.endswith(f"={sum(nums)}")
+    assert env.step(worked).reward == 1.0
+    assert env.step(str(sum(nums))).reward == 1.0  # only the final number is graded
+    assert env.step(worked + "1").reward == 0.0 and env.step("").reward == 0.0
+    assert set(prompt + worked) <= set(CHARSET)
+    assert ChainSum(terms=6).reset(3) != prompt and ChainSum(terms=4).reset(3) == prompt
+    with pytest.raises(EnvError, match="terms must be in"):
+        ChainSum(terms=1)
 
 
 def test_builtins_satisfy_env_protocol():

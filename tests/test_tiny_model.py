@@ -257,6 +257,24 @@ def test_warm_start_fails_loudly_below_the_window_at_the_step_limit(tmp_path):
     assert not (tmp_path / "m").exists()  # no half-built model left behind
 
 
+def test_warm_start_teaches_and_grades_its_task(tmp_path):
+    """model.tiny.warmstart_task = chain_sum: worked sums in the data (a loss that falls), chain_sum accuracy in
+    the stopping rule (4 steps leave a random model at 0, so the build fails naming the window), a digest of
+    its own."""
+    from tiny.build import config_digest
+
+    lines: list[str] = []
+    cfg = fast_config(tmp_path / "m", ["model.tiny.warmstart_task=chain_sum", "env.name=chain_sum",
+                                       "model.tiny.warmstart_steps=4", "model.tiny.warmstart_eval_every=2",
+                                       "model.tiny.warmstart_eval_episodes=10", "model.tiny.warmstart_guess_fraction=0",
+                                       "actor.max_tokens_per_turn=4"])
+    with pytest.raises(WarmStartError, match="warmstart_steps=4 steps, below model.tiny.warmstart_min_acc"):
+        build_tiny_model(cfg, tmp_path / "m", log=lines.append)
+    progress = [line for line in lines if "held-out chain_sum acc" in line]
+    assert len(progress) == 2, lines
+    assert config_digest(cfg) != config_digest(fast_config(tmp_path / "m"))
+
+
 def test_warm_start_window_must_be_ordered(tmp_path):
     from configs import ConfigError
 

@@ -7,7 +7,8 @@ tokenizer_config.json, model.safetensors) that transformers and vLLM (CPU) both 
 
 Build = tokenizer (``tiny.tokenizer``) + random init + a short supervised warm start (teacher forcing on
 the built-in environments' formats, ``tiny.data``: ``37+48=85<eos>`` and binary-search ``guess_number``
-dialogues). It stops as soon as greedy arithmetic accuracy on held-out seeds (``tiny.evaluate``) reaches
+dialogues; or, with ``model.tiny.warmstart_task = "chain_sum"``, worked sums). It stops as soon as greedy
+accuracy on that task's held-out seeds (``tiny.evaluate``) reaches
 ``model.tiny.warmstart_max_acc``: the model is left deliberately mediocre so RL has something to improve.
 
 CLI: ``python -m tiny`` (see ``tiny/__main__.py``). Heavy imports (torch, transformers) happen inside
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.errors import DcrlError
-from tiny.data import arithmetic_segments, encode_segments, guess_segments, masked_nll, pad_batch
+from tiny.data import TEACHERS, encode_segments, guess_segments, masked_nll, pad_batch
 from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
 from tiny.tokenizer import build_tokenizer, save_tokenizer, vocab_layout
 from weights.format import sha256_file, write_weights
@@ -78,11 +79,13 @@ class WarmStartError(RuntimeError):
     """The warm start could not land the model's held-out accuracy in its window; the message names the settings."""
 
 
-def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) -> dict:
-    """Supervised warm start (AdamW, teacher forcing) until held-out greedy arithmetic accuracy lands in the
-    window [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
+def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, task_kwargs: dict | None = None,
+               max_tokens: int = 8) -> dict:
+    """Supervised warm start (AdamW, teacher forcing) until held-out greedy accuracy on ``tiny.warmstart_task``
+    (with ``task_kwargs``, answers of up to ``max_tokens`` tokens) lands in the window
+    [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
 
-    Each step: ``warmstart_batch`` arithmetic episodes plus ``warmstart_guess_fraction`` as many
+    Each step: ``warmstart_batch`` solved episodes of the task (``tiny.data.TEACHERS``) plus ``warmstart_guess_fraction`` as many
     binary-search guess_number dialogues (two forward passes, so short problems are not padded to
     dialogue length). Accuracy is checked every ``warmstart_eval_every`` steps; training stops at the first
     check inside the window. A check above the window means those steps overshot it (accuracy can jump by
@@ -103,7 +106,13 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) 
         n_guess = max(1, n_guess)
     lo, hi = tiny.warmstart_min_acc, tiny.warmstart_max_acc
     t0 = time.monotonic()
-    acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
+    task, kwargs = tiny.warmstart_task, dict(task_kwargs or {})
+    teacher = TEACHERS[task]
+
+    def accuracy() -> float:
+        return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs=kwargs, max_tokens_per_turn=max_tokens)
+
+    acc = accuracy()
     step, every = 0, tiny.warmstart_eval_every
     if tiny.warmstart_steps == 0:
         return {"steps": 0, "accuracy": acc, "seconds": round(time.monotonic() - t0, 1)}
@@ -134,7 +143,7 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) 
         last = snapshot()
         model.train()
         for _ in range(min(every, tiny.warmstart_steps - step)):
-            arith = [encode_segments(arithmetic_segments(rng.randrange(1 << 31)), tokenizer)
+            arith = [encode_segments(teacher(rng.randrange(1 << 31), **kwargs), tokenizer)
                      for _ in range(tiny.warmstart_batch)]
             loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
             if n_guess:
@@ -146,15 +155,20 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print) 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-        acc = evaluate_accuracy(model, tokenizer, "arithmetic", eval_seeds)
+        acc = accuracy()
         log(f"[tiny] warm start step {step:4d}  loss {loss.item():.3f}  "
-            f"held-out arithmetic acc {acc:.3f}  ({time.monotonic() - t0:.0f}s)")
+            f"held-out {task} acc {acc:.3f}  ({time.monotonic() - t0:.0f}s)")
     return {"steps": step, "accuracy": acc, "seconds": round(time.monotonic() - t0, 1)}
 
 
 def config_digest(cfg: "DcrlConfig") -> str:
     """sha256 over everything the built model depends on: model.tiny, run.seed, BUILD_FORMAT."""
-    payload = {"tiny": cfg.model.tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT}
+    tiny = cfg.model.tiny
+    if tiny.warmstart_task == "arithmetic":  # the digest of arithmetic builds stays what it was: caches hold
+        payload = {"tiny": tiny.model_dump(exclude={"warmstart_task"}), "seed": cfg.run.seed, "format": BUILD_FORMAT}
+    else:
+        payload = {"tiny": tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT,
+                   "task": [warmstart_task_kwargs(cfg), cfg.actor.max_tokens_per_turn]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,6 +207,11 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+def warmstart_task_kwargs(cfg: "DcrlConfig") -> dict:
+    """The task's kwargs: the run's ``env.kwargs`` when the run trains that task, else its defaults."""
+    return dict(cfg.env.kwargs) if cfg.env.name == cfg.model.tiny.warmstart_task else {}
+
+
 def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     import torch
     from transformers import Qwen3ForCausalLM
@@ -205,8 +224,9 @@ def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     model = Qwen3ForCausalLM(mcfg).float()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[tiny] building {n_params / 1e6:.2f}M-parameter Qwen3 (vocab {mcfg.vocab_size}) into {out_dir}")
-    result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log)
-    log(f"[tiny] warm start done: {result['steps']} steps, held-out arithmetic accuracy "
+    result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log, task_kwargs=warmstart_task_kwargs(cfg),
+                        max_tokens=cfg.actor.max_tokens_per_turn)
+    log(f"[tiny] warm start done: {result['steps']} steps, held-out {tiny.warmstart_task} accuracy "
         f"{result['accuracy']:.3f} in {result['seconds']}s")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)

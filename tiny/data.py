@@ -5,7 +5,7 @@ The layout is the actor's (``envs.episode``): ``obs_0 | turn_1 EOS | obs_1 | ...
 
 from __future__ import annotations
 
-from envs import Arithmetic, GuessNumber
+from envs import Arithmetic, ChainSum, GuessNumber
 
 
 def arithmetic_segments(seed: int) -> list[tuple[str, bool]]:
@@ -13,6 +13,17 @@ def arithmetic_segments(seed: int) -> list[tuple[str, bool]]:
     env = Arithmetic()
     prompt = env.reset(seed)
     return [(prompt, False), (str(env.answer), True)]
+
+
+def chain_sum_segments(seed: int, **kwargs) -> list[tuple[str, bool]]:
+    """One solved chain_sum episode: the problem, then the worked answer (every partial sum) as the model turn."""
+    env = ChainSum(**kwargs)
+    prompt = env.reset(seed)
+    return [(prompt, False), (env.worked_answer(), True)]
+
+
+# The single-turn tasks the warm start can teach (model.tiny.warmstart_task): env name -> solved episode.
+TEACHERS = {"arithmetic": lambda seed, **kw: arithmetic_segments(seed), "chain_sum": chain_sum_segments}
 
 
 def binary_search_guess(lo: int, hi: int) -> int:
