@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from buffer.server import free_port, start_redis  # noqa: E402
+from learner.metrics import moving_mean  # noqa: E402,F401 - re-exported for the benchmarks
 
 
 def pin(core: int | None) -> list[str]:
@@ -82,17 +83,6 @@ def run_job(name: str, config: str, overrides: list[str], workdir: Path, *, acto
     metrics = workdir / name / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return JobResult(rows=rows, process_wall_s=wall, log=log_path)
-
-
-def moving_mean(values: list[float], window: int) -> list[float]:
-    """Mean of the last ``window`` values at each index (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 def time_to_reward(times: list[float], rewards: list[float], target: float, window: int) -> float | None:
