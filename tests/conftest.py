@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,53 @@ from helpers import FAST_TINY, RANDOM_TINY
 # Keep vLLM, torch and tokenizers polite on a shared 2-core machine.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# Every process this session starts (servers, jobs, vLLM's EngineCore and workers, their children) inherits
+# this variable, even after its parent died and it was re-parented: the session-end check finds them by it.
+SESSION_MARK = "DCRL_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes, this one excepted, whose environment holds ``mark``."""
+    needle = f"{SESSION_MARK}={mark}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie has exited; its parent merely has not reaped it
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append((int(d.name), cmd[:160]))
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a process it started outlives it (after the fixtures' teardown, with 15 s of
+    grace for processes still on their way out); the leftovers are listed, then killed."""
+    if not Path("/proc").is_dir():
+        return
+    mark = os.environ[SESSION_MARK]
+    deadline = time.monotonic() + 15.0
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+    session.config.get_terminal_writer().line(
+        f"\nERROR: {len(left)} process(es) started by the tests outlived the session (killed now):\n{lines}", red=True)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _has_gpu() -> bool:
