@@ -161,8 +161,10 @@ def test_call_env_reuses_idle_worker_threads():
 
 
 def test_step_timeout_reaches_the_episode_limits():
-    cfg = load_config("tiny", ["env.step_timeout_s=2.5"], env={})
+    cfg = load_config("tiny", ["env.step_timeout_s=2.5", "env.name=my_envs:Maze"], env={})
     assert EpisodeLimits.from_config(cfg).env_timeout_s == 2.5
+    # The built-ins are called on the loop: no thread hop, no timeout.
+    assert EpisodeLimits.from_config(load_config("tiny", ["env.step_timeout_s=2.5"], env={})).env_timeout_s is None
     assert load_config("tiny", env={}).env.step_timeout_s == 30.0
 
 
