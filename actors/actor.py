@@ -288,21 +288,26 @@ class Actor:
             if len(jobs) < max_jobs:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
-                elif (admission := await self._admit())[0] is not None:
-                    slot = admission[0]
-                    # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
-                    # during the catch-up would otherwise leave it admitted and never streamed).
-                    self._unstarted.append(slot)
-                    self.last_control = await self.weights.catch_up()
-                    self._unstarted.remove(slot)
-                    job = self._start_group(admitted, slot)
-                    jobs[job.task] = job
-                    admitted += 1
-                    self.idle_reason = None
-                    continue  # fill every free slot before waiting
-                elif admission[1] == "weights" and await self.weights.refresh():
-                    continue  # capacity is free, only for newer weights than the engine's: loaded, admit again
                 else:
+                    slot, why = await self._admit()
+                    if slot is None and why == "weights":
+                        # Capacity is free, but only for newer weights than the engine's: load them now. If
+                        # none can be had (none published yet, or refused), admit under the learner's cap
+                        # rather than stall the run (the read side still bounds the lag).
+                        if await self.weights.refresh():
+                            continue
+                        slot, why = await self._admit(weights_bound=False)
+                    if slot is not None:
+                        # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
+                        # during the catch-up would otherwise leave it admitted and never streamed).
+                        self._unstarted.append(slot)
+                        self.last_control = await self.weights.catch_up()
+                        self._unstarted.remove(slot)
+                        job = self._start_group(admitted, slot)
+                        jobs[job.task] = job
+                        admitted += 1
+                        self.idle_reason = None
+                        continue  # fill every free slot before waiting
                     self.idle_reason = f"at staleness cap K={ctrl.max_staleness}"
             else:
                 self.idle_reason = None
@@ -313,11 +318,13 @@ class Actor:
                 kind = idle_kind(idle)
                 self.stats.idle_s[kind] = self.stats.idle_s.get(kind, 0.0) + time.monotonic() - t0
 
-    async def _admit(self) -> tuple[str | None, str]:
+    async def _admit(self, weights_bound: bool = True) -> tuple[str | None, str]:
         """A slot from the admission ledger for a group sampled with the engine's weights, or (None, why):
-        ``ControlPlane.admit_at``. The capacity is that of the engine's weights, so that the group is trained
-        at most K versions after them (``buffer.admission.weights_capacity``)."""
-        fut = self._control_io.submit(self.control.admit_at, self.actor_id, self.engine.version)
+        ``ControlPlane.admit_at``. With ``weights_bound`` the capacity is that of the engine's weights, so that
+        the group is trained at most K versions after them (``buffer.admission.weights_capacity``); without,
+        the learner's."""
+        fut = self._control_io.submit(self.control.admit_at, self.actor_id,
+                                      self.engine.version if weights_bound else None)
         try:
             return await self._race(fut)
         except Stopping:

@@ -26,8 +26,14 @@ SESSION_MARK = "DCRL_TEST_SESSION"
 os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+# Helpers that libraries start for this very process and that end with it (they watch its pid or a pipe of
+# it): multiprocessing's resource tracker, wandb's service. Not leaks, as long as their parent is this process.
+LIFETIME_HELPERS = ("multiprocessing.resource_tracker", "wandb-core")
+
+
 def marked_processes(mark: str) -> list[tuple[int, str]]:
-    """(pid, command line) of the live processes, this one excepted, whose environment holds ``mark``."""
+    """(pid, command line) of the live processes, this one and its lifetime helpers excepted, whose environment
+    holds ``mark``."""
     needle = f"{SESSION_MARK}={mark}".encode()
     found = []
     for d in Path("/proc").iterdir():
@@ -39,7 +45,10 @@ def marked_processes(mark: str) -> list[tuple[int, str]]:
             if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue  # a zombie has exited; its parent merely has not reaped it
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if ppid == os.getpid() and any(h in cmd for h in LIFETIME_HELPERS):
             continue
         found.append((int(d.name), cmd[:160]))
     return found

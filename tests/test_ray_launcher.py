@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Long enough (synchronous, 4 groups of 8 per step) for the killed replica to restart (Ray worker + vLLM
 # start, 20-25 s here) and rejoin before the learner finishes, even when the other replica trains alone at
 # full speed (measured: 60 steps in ~29 s, too close).
-STEPS = 120
+STEPS = 240  # runway for the killed replica to restart (~30 s of vLLM start) and load weights before the end
 BATCH = 4
 
 
