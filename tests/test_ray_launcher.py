@@ -10,13 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from buffer.server import free_port
+from helpers import wait_until
 
 pytestmark = pytest.mark.slow  # starts a Ray job
 
@@ -29,13 +29,7 @@ BATCH = 4
 
 
 def _wait_for(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(pred, timeout_s, what, poll_s=0.5)
 
 
 @pytest.mark.parametrize("transport", ["files", "gloo"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from actors.supervisor import supervise
-from helpers import ROOT, child_pids, process_gone
+from helpers import ROOT, child_pids, process_gone, wait_until
 
 # The supervisor as its own process (a test must be able to signal it): argv[1] the worker's argv (JSON),
 # argv[2] max_restarts.
@@ -58,13 +58,7 @@ def py(code: str, *args) -> list[str]:
 
 
 def wait_for(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return wait_until(pred, timeout_s, what, poll_s=0.02)
 
 
 def read_json(path: Path):
