@@ -211,7 +211,8 @@ class Actor:
             idle = "waiting for redis"
         return (f"{self.actor_id}: {self.stats.episodes_in_flight} episodes in flight, "
                 f"{self.stats.groups_sent} groups sent ({self.writer.held} held), {tokens_per_s:.0f} tok/s, "
-                f"weights v{self.engine.version}, {k}, " + (f"idle: {idle}" if idle else "generating"))
+                f"weights v{self.engine.version} ({len(self.stats.weight_loads)} loads, {self.stats.deferred_loads} "
+                f"deferred by actor.reload_budget), {k}, " + (f"idle: {idle}" if idle else "generating"))
 
     # -------------------------------------------------------- redis and other blocking calls
 
