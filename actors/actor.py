@@ -111,6 +111,20 @@ class GroupJob:
     handed_off: bool = False
 
 
+async def slots_admitted_late(futs: list[asyncio.Future], timeout_s: float = 5.0) -> list[str]:
+    """The slots that ``ControlPlane.admit_at`` calls overtaken by a stop went on to admit (each future's
+    result is ``(slot | None, why)``): the caller must give them back. A call still unanswered after
+    ``timeout_s`` (Redis down) is left to the lease: its slot comes back when this actor id restarts or lapses."""
+    slots = []
+    for fut in futs:
+        done, _ = await asyncio.wait({fut}, timeout=timeout_s)
+        if done and fut.exception() is None:
+            slot, _why = fut.result()
+            if slot is not None:
+                slots.append(slot)
+    return slots
+
+
 @dataclass
 class ActorStats:
     groups_sent: int = 0
@@ -157,7 +171,7 @@ class Actor:
         self._stop: asyncio.Event | None = None
         self._stop_waiter: asyncio.Task | None = None
         self._episodes: asyncio.Semaphore | None = None
-        self._late_admits: list[asyncio.Future] = []
+        self._late_admits: list[asyncio.Future] = []  # admit_at calls a stop overtook: (slot | None, why)
         self._unstarted: list[str] = []  # slots admitted whose group has not started (weights catch-up)
         self._started = time.monotonic()  # reset when run() starts producing (ActorReport.wall_s)
 
@@ -412,10 +426,8 @@ class Actor:
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         slots = [job.slot for job in jobs.values() if not job.handed_off] + self._unstarted
         self._unstarted = []
-        for fut in self._late_admits:  # an admission that was in flight when the stop came
-            done, _ = await asyncio.wait({fut}, timeout=5.0)
-            if done and fut.exception() is None and fut.result() is not None:
-                slots.append(fut.result())
+        slots += await slots_admitted_late(self._late_admits)
+        self._late_admits = []
         for slot in slots:
             fut = self._control_io.submit(self.control.cancel, slot)
             done, _ = await asyncio.wait({fut}, timeout=10.0)

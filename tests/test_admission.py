@@ -185,3 +185,28 @@ def test_reclaim_gives_back_the_slots_of_actors_whose_lease_expired(redis_url):
     finally:
         cp.reset()
         cp.close()
+
+
+def test_admissions_a_stop_overtook_are_found_and_given_back(redis_url):
+    # An actor stopping while admit_at calls are in flight on its control thread: the ones that admitted must
+    # be given back (the SIGTERM test once found one slot held for ever: admit_at's result is (slot, why)).
+    import asyncio
+
+    from actors.actor import slots_admitted_late
+    from actors.io import IoThread
+
+    control = _plane(redis_url)
+    control.write_control(Control(version=0, max_staleness=0, batch_groups=2))
+
+    async def stop_with_admits_in_flight():
+        io = IoThread("control-test")
+        futs = [io.submit(control.admit_at, "actor-1", None) for _ in range(3)]  # the third finds the cap
+        slots = await slots_admitted_late(futs)
+        for slot in slots:
+            assert control.cancel(slot)
+        return slots
+
+    slots = asyncio.run(stop_with_admits_in_flight())
+    assert len(slots) == 2 and all(s.startswith("actor-1:") for s in slots)
+    counters = control.counters()
+    assert counters["produced"] == 0 and control.held() == 0 and counters["reconciles"]
