@@ -38,51 +38,90 @@ class JobResult:
     log: Path
 
 
-def run_job(name: str, config: str, overrides: list[str], workdir: Path, *, actors: int = 1,
-            pin_cores: bool = True, timeout_s: float = 3600.0) -> JobResult:
-    """Run one bounded job like ``make run`` does (fresh redis-server, learner, ``actors`` actor processes)
-    and return the learner's metrics. With ``pin_cores`` the learner runs on core 0 and actor i on core i+1
-    (mod the core count), so that their timings do not depend on the scheduler's mood."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = start_redis(workdir / f"redis-{name}")
-    sets = overrides + [
-        f"run.name={name}", f"run.root={workdir}",
-        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
-        f"actor.weights_cache_dir={workdir / f'actor-weights-{name}'}",
-        "learner.progress=false", "learner.wandb_mode=disabled",
-    ]
-    args = ["--config", config] + [x for s in sets for x in ("--set", s)]
-    env = {**os.environ, "DCRL_REDIS_URL": server.url, "PYTHONUNBUFFERED": "1"}
-    log_path = workdir / f"{name}.log"
-    log = open(log_path, "w")
-    t0 = time.monotonic()
-    learner = subprocess.Popen(pin(0 if pin_cores else None) + [sys.executable, "-m", "learner", "--fresh", *args],
-                               env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    procs = [subprocess.Popen(pin(i + 1 if pin_cores else None)
-                              + [sys.executable, "-m", "actors", *args, "--actor-id", f"actor-{i}"],
-                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for i in range(actors)]
-    try:
-        rc = learner.wait(timeout=timeout_s)
-        wall = time.monotonic() - t0
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
+class Job:
+    """One bounded job like ``make run`` (a fresh redis-server, the learner, ``actors`` actor processes), whose
+    parts can be killed and restarted one by one (``bench/faults.py``). With ``pin_cores`` the learner runs
+    on core 0 and actor i on core i+1 (mod the core count), so that timings do not depend on the scheduler."""
+
+    def __init__(self, name: str, config: str, overrides: list[str], workdir: Path, *, actors: int = 1,
+                 pin_cores: bool = True):
+        self.name, self.workdir, self.n_actors, self.pin_cores = name, workdir, actors, pin_cores
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(workdir / f"redis-{name}", ignore_errors=True)  # a rerun must not start from its old AOF
+        self.server = start_redis(workdir / f"redis-{name}")
+        sets = overrides + [
+            f"run.name={name}", f"run.root={workdir}",
+            f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+            f"actor.weights_cache_dir={workdir / f'actor-weights-{name}'}",
+            "learner.progress=false", "learner.wandb_mode=disabled",
+        ]
+        self.args = ["--config", config] + [x for s in sets for x in ("--set", s)]
+        self.env = {**os.environ, "DCRL_REDIS_URL": self.server.url, "PYTHONUNBUFFERED": "1"}
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.run_dir = workdir / name
+        self.learner: subprocess.Popen | None = None
+        self.actors: list[subprocess.Popen] = []
+        self.t0 = time.monotonic()
+
+    def _spawn(self, core: int | None, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(pin(core if self.pin_cores else None) + [sys.executable, *argv], env=self.env,
+                                cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def start_learner(self, fresh: bool = True) -> None:
+        self.learner = self._spawn(0, ["-m", "learner", *(["--fresh"] if fresh else []), *self.args])
+
+    def start_actors(self) -> None:
+        self.actors = [self._spawn(i + 1, ["-m", "actors", *self.args, "--actor-id", f"actor-{i}"])
+                       for i in range(self.n_actors)]
+
+    def start(self) -> "Job":
+        self.t0 = time.monotonic()
+        self.start_learner()
+        self.start_actors()
+        return self
+
+    def steps_done(self) -> int:
+        """Rows in the learner's metrics.jsonl so far (its completed steps, as this run's files show them)."""
+        path = self.run_dir / "metrics.jsonl"
+        return path.read_text().count("\n") if path.exists() else 0
+
+    def wait_learner(self, timeout_s: float) -> int:
+        return self.learner.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        for p in self.actors:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.actors:
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if learner.poll() is None:
-            learner.kill()
-            learner.wait()
-        server.stop()
-        log.close()
+        if self.learner is not None and self.learner.poll() is None:
+            self.learner.kill()
+            self.learner.wait()
+        self.server.stop()
+        self._log.close()
+
+    def rows(self) -> list[dict]:
+        metrics = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def run_job(name: str, config: str, overrides: list[str], workdir: Path, *, actors: int = 1,
+            pin_cores: bool = True, timeout_s: float = 3600.0) -> JobResult:
+    """Run one bounded job to the learner's exit and return the learner's metrics (see :class:`Job`)."""
+    job = Job(name, config, overrides, workdir, actors=actors, pin_cores=pin_cores).start()
+    try:
+        rc = job.wait_learner(timeout_s)
+        wall = time.monotonic() - job.t0
+    finally:
+        job.stop()
     if rc != 0:
-        raise SystemExit(f"{name}: learner exited with {rc}; see {log_path}")
-    metrics = workdir / name / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return JobResult(rows=rows, process_wall_s=wall, log=log_path)
+        raise SystemExit(f"{name}: learner exited with {rc}; see {job.log_path}")
+    return JobResult(rows=job.rows(), process_wall_s=wall, log=job.log_path)
 
 
 def time_to_reward(times: list[float], rewards: list[float], target: float, window: int) -> float | None:

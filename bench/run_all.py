@@ -44,6 +44,7 @@ BENCHES = (
     Bench("weight_sync.py", "weight_sync_files_over_gloo", None, quick=("--repeats", "3")),
     Bench("peer_trl.py", "time_to_reward_vs_trl", 1.0, quick=("--steps", "200", "--window", "50", "--target", "0.42"),
           needs="trl"),
+    Bench("faults.py", "faults_survived", 1.0, quick=("--quick",)),
 )
 
 

@@ -254,6 +254,10 @@ class LearnerConfig(_Strict):
     crash_after_step: int | None = Field(None, ge=1)
     """Tests only: SIGKILL the learner right after this step's optimizer step, weight publish and control
     write, before its checkpoint (exercises resume and the exactly-once bookkeeping)."""
+    log_group_ids: bool = False
+    """Audit trail: each ``metrics.jsonl`` row also lists the ids of the groups its step trained (``groups``);
+    a resumed run truncates the rows of redone steps, so the file names every group the model learned from
+    exactly as often as it did (``bench/faults.py`` counts lost and twice-trained groups with it)."""
 
 
 class ControllerConfig(_Strict):

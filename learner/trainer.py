@@ -442,6 +442,8 @@ class Learner:
             row["buffer/stale_groups"] = stale  # dead-lettered as stale while collecting this step's batch
             row["buffer/dead_groups"] = dead  # all dead letters while collecting it (stale ones included)
             row["time/elapsed_s"] = time.monotonic() - t_start  # since this process started training
+            if cfg.log_group_ids:
+                row["groups"] = [e.group.group_id for e in entries]
             row["time/checkpoint_s"] = checkpoint_s  # the previous step's checkpoint (it runs after the row is written)
             reports = self.control.actor_reports()
             row.update(actor_time_fractions(self.actor_reports, reports))

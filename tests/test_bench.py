@@ -1,7 +1,9 @@
-"""The benchmark tools: the time-to-reward measure (bench/common.py) and bench/ablation.py's smoke run."""
+"""The benchmark tools: the time-to-reward measure (bench/common.py), and smoke runs of bench/ablation.py
+and bench/faults.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -40,3 +42,17 @@ def test_ablation_quick_runs_real_jobs_and_reports(tmp_path):
     md = (out / "ablation.md").read_text()
     assert "| default | dcmdp |" in md and "| default | none |" in md
     assert (out / "ablation.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fault_suite_quick_loses_nothing_and_trains_nothing_twice(tmp_path):
+    """bench/faults.py --quick on two faults: real jobs, a garbage burst into the live stream and a learner
+    SIGKILLed and resumed; each run completes with no group lost or trained twice (the bench exits 1 otherwise)."""
+    out = tmp_path / "faults"
+    proc = subprocess.run([sys.executable, "bench/faults.py", "--quick", "--faults", "garbage,learner_kill",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "RESULT faults_survived 1.000"
+    results = {r["fault"]: r for r in json.loads((out / "faults.json").read_text())}
+    assert results["garbage"]["dead"] == 25 and results["garbage"]["undecodable"] >= 15
+    assert results["learner_kill"]["steps"] == 60 and results["learner_kill"]["seen"] >= 480
