@@ -9,11 +9,15 @@ drops the episode's group, counts it (``ActorReport.env_errors`` -> ``episode/en
 
 With a timeout the call runs in a worker thread (:class:`EnvThreads`) so the event loop can stop waiting for it;
 calls of different episodes may then overlap, so state that environment instances share must be thread-safe.
+An environment whose ``reset``/``step`` are ``async def`` (tool calls over HTTP, a sandbox) is awaited on the
+actor's event loop instead: no thread per call, any number of episodes in flight; past the timeout the call
+is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import numbers
 import queue
@@ -118,6 +122,18 @@ async def call_env(fn: Callable[[Any], Any], arg: Any, call: str, timeout_s: flo
     takes longer than that (it is then abandoned in its worker thread). Without ``timeout_s`` the call runs
     on the event loop: no thread hop, no protection against a hang (for trusted built-in environments)."""
     try:
+        if inspect.iscoroutinefunction(fn):  # an async environment: awaited on the loop, no thread
+            if timeout_s is None:
+                return await fn(arg)
+            task = asyncio.ensure_future(fn(arg))
+            try:  # asyncio.wait, not wait_for: the environment's own TimeoutError must not read as a hang
+                done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            finally:
+                task.cancel()  # no-op once done; otherwise (a hang, or this episode cancelled) the call ends here
+            if not done:
+                raise EnvFault(call, "timed out", f"no answer within env.step_timeout_s={timeout_s:g} s; the call "
+                                                  "was cancelled")
+            return task.result()
         if timeout_s is None:
             return fn(arg)
         fut = _THREADS.submit(fn, arg)

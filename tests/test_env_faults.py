@@ -216,3 +216,71 @@ def test_actor_drops_the_group_of_a_failed_env_and_goes_on(codec, redis_url, cap
     logged = [r.getMessage() for r in caplog.records if "broken tool backend" in r.getMessage()]
     assert len(logged) == 1, logged  # once per kind, however many episodes failed
     assert "step raised RuntimeError" in logged[0] and "test_env_faults:FailFirstGroup" in logged[0]
+
+
+class AsyncArithmetic(Arithmetic):
+    """Arithmetic with ``async def`` reset/step, each awaiting like a tool call over the network would."""
+
+    in_flight = 0
+    peak = 0
+
+    async def reset(self, seed):
+        await asyncio.sleep(0.05)
+        return super().reset(seed)
+
+    async def step(self, action):
+        cls = type(self)
+        cls.in_flight += 1
+        cls.peak = max(cls.peak, cls.in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return super().step(action)
+        finally:
+            cls.in_flight -= 1
+
+
+class AsyncStepHangs(Arithmetic):
+    cancelled = 0
+
+    async def step(self, action):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            type(self).cancelled += 1
+            raise
+
+
+class AsyncStepRaises(Arithmetic):
+    async def step(self, action):
+        raise ConnectionError("tool server refused")
+
+
+def test_async_env_runs_many_episodes_at_once_on_the_loop_without_threads(codec):
+    """64 episodes of an async env overlap on one loop (each step awaits 0.2 s: 64 in a row would take 13 s),
+    no environment thread is started, and the rewards are the synchronous env's."""
+    engine = FixedAnswerEngine(codec, "109")  # right for the seeds whose operands sum to 109
+    threads_before = threading.active_count()
+
+    async def many():
+        return await asyncio.gather(*(run_episode(engine, AsyncArithmetic(), s, codec, LIMITS, f"a{s}")
+                                      for s in range(64)))
+
+    t0 = time.monotonic()
+    trajs = asyncio.run(many())
+    elapsed = time.monotonic() - t0
+    assert AsyncArithmetic.peak == 64 and elapsed < 5.0
+    assert threading.active_count() == threads_before
+    expected = [1.0 if sum(Arithmetic.operands(s, 2)) == 109 else 0.0 for s in range(64)]
+    assert [t.reward for t in trajs] == expected and all(t.finish_reason == "stop" for t in trajs)
+
+
+def test_async_env_hang_times_out_and_is_cancelled(codec):
+    with pytest.raises(EnvFault) as err:
+        play(AsyncStepHangs(), codec)
+    assert err.value.key == ("step", "timed out") and AsyncStepHangs.cancelled == 1
+
+
+def test_async_env_exception_is_an_env_fault(codec):
+    with pytest.raises(EnvFault) as err:
+        play(AsyncStepRaises(), codec)
+    assert err.value.key == ("step", "raised ConnectionError") and "tool server refused" in str(err.value)
