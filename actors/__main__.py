@@ -78,12 +78,13 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
     writer = GroupWriter(cfg.redis, actor_id)
     engine = subscriber = None
     try:
+        codec = TextCodec.from_config(cfg, model_dir)  # a chat config the tokenizer cannot serve fails before vLLM
         engine = await Engine.start(cfg, engine_dir, device=device, replica=replica)
+        engine.stop_token_ids = codec.extra_stop_ids
         if early_stop.is_set():
             return 0
         subscriber = WeightSubscriber(cfg.learner.zmq_pub)
-        actor = holder["actor"] = Actor(cfg, actor_id, engine, TextCodec.from_pretrained(model_dir), writer,
-                                        control, subscriber)
+        actor = holder["actor"] = Actor(cfg, actor_id, engine, codec, writer, control, subscriber)
         log.info("%s: %s on %s, env %s, G=%d, concurrency %d", actor_id, engine.tag, model_dir, cfg.env.name,
                  cfg.actor.group_size, cfg.actor.concurrency)
         await actor.run()

@@ -44,7 +44,7 @@ import redis
 
 from actors.io import IoThread, LeaseKeeper, Stopping
 from actors.weight_sync import WeightSync
-from envs import env_factory
+from envs import env_factory, resolve_env_class
 from envs.episode import EpisodeLimits, EpisodeTimings, TextCodec, run_episode
 from envs.guard import EnvFault
 from protocol.messages import ActorReport, Trajectory, TrajectoryGroup
@@ -163,6 +163,9 @@ class Actor:
         self.idle_reason: str | None = "starting"
         self.stop_reason: str | None = None
         self._make_env = env_factory(cfg.env.name, cfg.env.kwargs)  # a bad env name or kwargs fails here
+        # An indexed environment (a dataset) is reset with the run's shared draw counter: prompts without
+        # replacement per epoch across actors. Others get a seed from (actor.seed, actor id, session, n).
+        self._indexed = bool(getattr(resolve_env_class(cfg.env.name), "indexed", False))
         self._control_io = IoThread(f"dcrl-{actor_id}-control")
         self._writer_io = IoThread(f"dcrl-{actor_id}-writer")
         self.weights = WeightSync(cfg, actor_id, engine, control, subscriber, self.stats,
@@ -317,8 +320,10 @@ class Actor:
                         # during the catch-up would otherwise leave it admitted and never streamed).
                         self._unstarted.append(slot)
                         self.last_control = await self.weights.catch_up()
+                        seed = (await self._redis(self.control.next_draw) if self._indexed else
+                                group_seed(self.cfg.actor.seed, self.actor_id, self.session, admitted))
                         self._unstarted.remove(slot)
-                        job = self._start_group(admitted, slot)
+                        job = self._start_group(admitted, slot, seed)
                         jobs[job.task] = job
                         admitted += 1
                         self.idle_reason = None
@@ -346,8 +351,7 @@ class Actor:
             self._late_admits.append(fut)  # it may still admit: _cancel gives the slot back then
             raise
 
-    def _start_group(self, n: int, slot: str) -> GroupJob:
-        seed = group_seed(self.cfg.actor.seed, self.actor_id, self.session, n)
+    def _start_group(self, n: int, slot: str, seed: int) -> GroupJob:
         job = GroupJob(n=n, seed=seed, group_id=f"{self.actor_id}-{self.session}-{n}", slot=slot)
         job.task = asyncio.create_task(self._group_job(job), name=job.group_id)
         return job

@@ -207,6 +207,7 @@ class Engine:
         self._params_cache: dict[tuple[int, bool], Any] = {}
         self._transfer_joined = False
         self.world_size = 1  # inference ranks (TP x PP) that join a weight transfer group; dcrl runs TP 1
+        self.stop_token_ids: list[int] = []  # besides EOS: a chat template's end-of-turn token (set before use)
 
     @classmethod
     async def start(cls, cfg: "DcrlConfig", model_path: str | os.PathLike, *, device: str = "cpu",
@@ -251,7 +252,7 @@ class Engine:
         # FINAL_ONLY: one output per turn instead of one per token (the Python side is the bottleneck on
         # small models); versions come from the engine's spans, so streaming buys nothing here.
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, logprobs=0,
-                              ignore_eos=ignore_eos, detokenize=False,
+                              ignore_eos=ignore_eos, detokenize=False, stop_token_ids=self.stop_token_ids or None,
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, context: Sequence[int], max_tokens: int, request_id: str, *,

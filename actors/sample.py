@@ -27,9 +27,10 @@ async def _play(cfg: "DcrlConfig", model_dir: Path, n: int, device: str) -> list
     from envs.episode import EpisodeLimits, TextCodec, run_episode
 
     new_env = env_factory(cfg.env.name, cfg.env.kwargs)  # a bad env fails before vLLM starts
+    codec, limits = TextCodec.from_config(cfg, model_dir), EpisodeLimits.from_config(cfg)
     engine = await Engine.start(cfg, model_dir, device=device)
+    engine.stop_token_ids = codec.extra_stop_ids
     try:
-        codec, limits = TextCodec.from_pretrained(model_dir), EpisodeLimits.from_config(cfg)
         return await asyncio.gather(*(run_episode(engine, new_env(), cfg.actor.seed + i,
                                                   codec, limits, f"sample-{i}") for i in range(n)))
     finally:

@@ -51,6 +51,14 @@ redis.call('HSET', KEYS[2], ARGV[1], t[1] .. '.' .. string.format('%06d', tonumb
 return 1
 """
 
+# A counter raised to ARGV[1] if it is lower, in one step (never lowered); returns the value in force.
+RAISE_TO_LUA = """
+local c = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if c < n then redis.call('SET', KEYS[1], n) return n end
+return c
+"""
+
 
 @dataclass(frozen=True)
 class ActorLiveness:
@@ -94,6 +102,7 @@ class ControlPlane:
         self._give_back = self.client.register_script(GIVE_BACK_LUA)
         self._reclaim = self.client.register_script(RECLAIM_LUA)
         self._report = self.client.register_script(REPORT_LUA)
+        self._restore_draws = self.client.register_script(RAISE_TO_LUA)
 
     def read_control(self) -> Control | None:
         """The learner's last Control, or None before the first write_control."""
@@ -216,6 +225,20 @@ class ControlPlane:
         flat = self._retry.call(self._reclaim, keys=[self.keys.held, self.keys.produced],
                                 args=[self.keys.lease("")])
         return [(flat[i].decode(errors="replace"), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def next_draw(self) -> int:
+        """The next index (0, 1, 2, ...) in the run's shared order of prompts: one per group of an indexed
+        environment, however many actors draw at once."""
+        return int(self._retry.call(self.client.incr, self.keys.draws)) - 1
+
+    def draws(self) -> int:
+        """Prompts drawn so far (what a learner checkpoint records)."""
+        return int(self._retry.call(self.client.get, self.keys.draws) or 0)
+
+    def restore_draws(self, n: int) -> int:
+        """Raise the draw counter to ``n`` if it is lower (a resume after Redis lost its data); returns the value
+        now in force. Never lowers it: prompts drawn after the checkpoint may be in the stream, to be trained."""
+        return int(self._retry.call(self._restore_draws, keys=[self.keys.draws], args=[int(n)]))
 
     def counters(self) -> dict:
         """The run's counters as ints, read in one atomic snapshot (MULTI/EXEC, so no script runs between the

@@ -91,6 +91,13 @@ class Keys:
         ``ControlPlane.live_actors`` ("last report N s ago" in the learner's wait messages)."""
         return f"{self.prefix}:actors_seen"
 
+    @property
+    def draws(self) -> str:
+        """Counter of prompts drawn from an indexed environment (a dataset): INCR by each actor per group
+        (``ControlPlane.next_draw``), so that all actors walk one shared order; the learner's checkpoint records it
+        (``ControlPlane.draws`` / ``restore_draws``)."""
+        return f"{self.prefix}:draws"
+
     def lease(self, actor_id: str) -> str:
         """An actor's liveness lease, with a TTL: set by the actor (``ControlPlane.keep_lease``, every lease_s / 3;
         deleted by ``drop_lease`` on a clean exit). While it exists, the slots of ``held`` whose value is
@@ -100,4 +107,4 @@ class Keys:
     def all(self) -> tuple[str, ...]:
         """Every key of the run but the leases (they expire), for ``ControlPlane.reset``."""
         return (self.traj, self.dead, self.control, self.produced, self.held, self.delivered, self.consumed,
-                self.consumed_admitted, self.dead_count, self.actors, self.actors_seen)
+                self.consumed_admitted, self.dead_count, self.actors, self.actors_seen, self.draws)

@@ -110,9 +110,11 @@ class TinyModelConfig(_Strict):
     """Warm-start steps between two held-out accuracy checks (one check costs about 3 training steps)."""
     warmstart_eval_episodes: int = Field(200, ge=10)
     """Held-out arithmetic problems (seeds disjoint from training) in each accuracy check."""
-    warmstart_task: Literal["arithmetic", "chain_sum"] = "arithmetic"
+    warmstart_task: Literal["arithmetic", "chain_sum", "dataset"] = "arithmetic"
     """The single-turn task the warm start teaches and grades (``tiny.data.TEACHERS``), with the run's
-    ``env.kwargs`` when ``env.name`` is that task."""
+    ``env.kwargs`` when ``env.name`` is that task ("dataset": the rows' reference answers are the teacher)."""
+    warmstart_eval_kwargs: dict[str, Any] = {}
+    """Env kwargs that override the task's for the held-out accuracy checks (e.g. a dataset's test file)."""
     warmstart_guess_fraction: float = Field(0.25, ge=0, le=4)
     """Binary-search guess_number dialogues per warm-start step, as a fraction of warmstart_batch."""
     warmstart_threads: int = Field(1, ge=1)
@@ -131,7 +133,8 @@ class ModelConfig(_Strict):
 
 class EnvConfig(_Strict):
     name: str = "arithmetic"
-    """Built-in ``arithmetic`` / ``guess_number``, or an import path ``package.module:Class``."""
+    """Built-in ``arithmetic`` / ``guess_number`` / ``chain_sum``, ``dataset`` (envs/dataset.py), ``reasoning_gym``
+    (envs/reasoning_gym.py), or an import path ``package.module:Class``."""
     kwargs: dict[str, Any] = {}
     """Passed to the environment's constructor."""
     step_timeout_s: float = Field(30.0, gt=0)
@@ -139,6 +142,15 @@ class EnvConfig(_Strict):
     on a 2-core CPU for the hop); a call past this ends its episode as an environment error (the group is
     dropped, ``episode/env_errors``) and is abandoned in its thread, so an environment that hangs never blocks
     the actor."""
+    chat: bool = False
+    """Chat-formatted episodes (envs/chat.py): observations are user messages and model turns assistant messages,
+    rendered by the model's chat template token in / token out; generation stops at the end-of-turn token."""
+    system_prompt: str = ""
+    """chat only: a system message before the first observation (none when empty)."""
+    enable_thinking: bool | None = None
+    """chat only: passed to the chat template as ``enable_thinking`` (Qwen3's thinking switch) unless None."""
+    chat_end_of_turn: str | None = None
+    """chat only: the token closing assistant messages, where generation stops (default: the tokenizer's EOS)."""
 
 
 class ActorConfig(_Strict):

@@ -203,12 +203,19 @@ class GuessNumber:
 BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": GuessNumber, "chain_sum": ChainSum}
 
 
+# Environments shipped with dcrl in modules of their own, named like built-ins. Unlike BUILTIN_ENVS they run
+# user-supplied parts (a verifier function, a task library), so their calls keep env.step_timeout_s's guard.
+LIBRARY_ENVS: dict[str, str] = {"dataset": "envs.dataset:DatasetEnv",
+                                "reasoning_gym": "envs.reasoning_gym:ReasoningGymEnv"}
+
+
 def resolve_env_class(name: str) -> type:
     """A built-in name or ``package.module:Class`` -> the class. Raises EnvError naming the path."""
     if name in BUILTIN_ENVS:
         return BUILTIN_ENVS[name]
+    name = LIBRARY_ENVS.get(name, name)
     if ":" not in name:
-        raise EnvError(f"env {name!r}: not a built-in ({', '.join(BUILTIN_ENVS)}) "
+        raise EnvError(f"env {name!r}: not a built-in ({', '.join([*BUILTIN_ENVS, *LIBRARY_ENVS])}) "
                        "and not an import path 'package.module:Class'")
     module_name, _, attr = name.partition(":")
     try:

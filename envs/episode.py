@@ -10,6 +10,10 @@ tiny model's greedy evaluation (``tiny.evaluate``, a batched transformers engine
 Trajectory layout (protocol.Trajectory): ``obs_0 | turn_1 EOS | obs_1 | turn_2 EOS | ...``. Model tokens
 have mask 1, their behaviour logprob and version; observation tokens mask 0, logprob 0, version -1.
 The tokens recorded are exactly those the engine produced; earlier turns are never re-tokenised.
+With ``env.chat`` (``TextCodec.chat``, envs/chat.py) observations are rendered as user messages by the model's
+chat template and a turn ends at the template's end-of-turn token instead of EOS; the layout is otherwise
+the same (``prompt | turn_1 EOT | between_1 | turn_2 EOT | ...``, ``between`` = template text + user message +
+generation prompt, mask 0).
 ``finish_reason`` (``protocol.vocab.FinishReason``):
 
 - ``stop``: the env ended the episode after a model turn that closed with EOS (the normal end);
@@ -39,6 +43,7 @@ from protocol.vocab import FinishReason
 
 if TYPE_CHECKING:
     from configs.schema import DcrlConfig
+    from envs.chat import ChatFormat
 
 
 class TurnOutput(Protocol):
@@ -130,9 +135,12 @@ class TextCodec:
     (the G episodes of a group share their prompt; replies like "higher:" recur every turn).
     """
 
-    def __init__(self, tokenizer, cache_size: int = 1 << 16):
+    def __init__(self, tokenizer, cache_size: int = 1 << 16, chat: "ChatFormat | None" = None):
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
+        self.chat = chat
+        # where a model turn ends: the chat template's end-of-turn token, else EOS
+        self.stop_id = chat.end_of_turn_id if chat is not None else self.eos_id
         self._rust = getattr(tokenizer, "backend_tokenizer", None)
         self._encode_cached = functools.lru_cache(maxsize=cache_size)(self._encode)
 
@@ -141,6 +149,30 @@ class TextCodec:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(str(path)))
+
+    @classmethod
+    def from_config(cls, cfg: "DcrlConfig", path, tokenizer=None) -> "TextCodec":
+        """The codec of a run: the tokenizer at ``path`` and, with ``env.chat``, its chat format."""
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(tokenizer, chat=chat_format(cfg, tokenizer, str(path)))
+
+    @property
+    def extra_stop_ids(self) -> list[int]:
+        """Stop tokens an engine needs besides EOS: the chat end-of-turn token when it is not EOS."""
+        return [self.stop_id] if self.stop_id != self.eos_id else []
+
+    def prompt(self, observation: str) -> list[int]:
+        """Token ids of the first observation (with chat: rendered as the first user message, generation
+        prompt included)."""
+        return self.encode(self.chat.first(observation) if self.chat is not None else observation)
+
+    def observation(self, observation: str) -> list[int]:
+        """Token ids appended after a model turn for a later observation (with chat: what the template writes
+        after the turn's end-of-turn token, up to the next generation prompt)."""
+        return self.encode(self.chat.next(observation) if self.chat is not None else observation)
 
     def _encode(self, text: str) -> tuple[int, ...]:
         if self._rust is not None:
@@ -154,6 +186,16 @@ class TextCodec:
         if self._rust is not None:
             return self._rust.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def chat_format(cfg: "DcrlConfig", tokenizer, where: str = "model.path") -> "ChatFormat | None":
+    """``env.chat``'s ChatFormat for ``tokenizer``, or None when the run is not chat-formatted."""
+    if not cfg.env.chat:
+        return None
+    from envs.chat import ChatFormat
+
+    kwargs = {} if cfg.env.enable_thinking is None else {"enable_thinking": cfg.env.enable_thinking}
+    return ChatFormat(tokenizer, cfg.env.system_prompt, kwargs, cfg.env.chat_end_of_turn, where)
 
 
 @dataclass
@@ -176,7 +218,7 @@ async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeL
     t0 = clock()
     text = check_observation("reset", await call_env(env.reset, seed, "reset", limits.env_timeout_s))
     t1 = clock()
-    first = codec.encode(text)
+    first = codec.prompt(text)
     t.env_s += t1 - t0
     t.tokenize_s += clock() - t1
     if len(first) >= limits.max_seq_len:
@@ -212,7 +254,7 @@ async def run_episode(engine, env, seed: int, codec: TextCodec, limits: EpisodeL
             reward = float(result.reward)
             reason = "stop" if turn.stopped else "length"
             break
-        obs = codec.encode(result.observation)
+        obs = codec.observation(result.observation)
         t.tokenize_s += clock() - t2
         room = episode_room(limits, len(toks), prompt_len)
         if len(obs) > room:

@@ -409,7 +409,8 @@ class Learner:
             self.run_dir, self.step, model=self.model, optimizer=self.optimizer, keep=self.cfg.learner.keep_checkpoints,
             state={"version": self.version, "controller": self.controller.state_dict(),
                    "metrics_offset": self.metrics.offset(), "trained_ids": list(self.unacked),
-                   "trained_total": self.trained_total, "consumer": self.cfg.learner.consumer})
+                   "trained_total": self.trained_total, "consumer": self.cfg.learner.consumer,
+                   "draws": self.control.draws()})
         if self.unacked:
             self.reader.ack(self.unacked)
         self.unacked = []
@@ -551,6 +552,7 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
         trained_total = int(ckpt.state.get("trained_total", 0))
         version = max(ckpt.version, leftover.version if leftover is not None else 0)
         truncate_metrics(run_dir / METRICS_FILE, int(ckpt.state["metrics_offset"]))
+        control.restore_draws(int(ckpt.state.get("draws", 0)))  # the dataset position, if Redis lost it
         log.info("resumed %s at step %d, version %d (checkpoint version %d, Redis version %s)", ckpt.path.name,
                  step, version, ckpt.version, None if leftover is None else leftover.version)
 

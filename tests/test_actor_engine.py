@@ -9,6 +9,7 @@ Reload correctness is checked against transformers fp32 on the very tokens vLLM 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -351,3 +352,74 @@ def test_actor_stop_does_not_wait_for_a_silent_transfer_server(engine, loop, cod
         control.close()
     assert reason == "signal" and seconds < 10, seconds
     assert engine.version == version
+
+
+class RecordingEngine:
+    """The module's vLLM engine, recording each turn's context and output ids (what vLLM saw and returned)."""
+
+    def __init__(self, engine):
+        self.engine, self.turns = engine, {}
+
+    async def generate(self, context, max_tokens, request_id):
+        out = await self.engine.generate(context, max_tokens, request_id)
+        self.turns[request_id] = (list(context), list(out.token_ids))
+        return out
+
+
+def test_chat_episodes_on_vllm_train_exactly_the_tokens_vllm_produced(engine, loop, tiny_model_dir):
+    """guess_number, chat-formatted by the tiny tokenizer's template, on real vLLM: each model turn in the
+    trajectory is vLLM's output id for id, each context vLLM got is the trajectory's prefix, and the decoded
+    episode is the template's rendering of the conversation (user observations, assistant replies)."""
+    cfg = actor_cfg(tiny_model_dir, "env.name=guess_number", "env.chat=true", "env.system_prompt=find it")
+    codec = TextCodec.from_config(cfg, tiny_model_dir)
+    tok = codec.tokenizer
+    rec = RecordingEngine(engine)
+    lim = EpisodeLimits.from_config(cfg)
+    trajs = run_all(loop, [run_episode(rec, GuessNumber(), 300 + i, codec, lim, f"chat-{i}") for i in range(12)])
+    checked = 0
+    for i, t in enumerate(trajs):
+        ids = t.tokens_np.tolist()
+        assert tok.decode(ids[:t.prompt_len], skip_special_tokens=False).startswith("<|system|>find it<|user|>guess")
+        replies, ends = [], []
+        for k, start in enumerate(t.turn_starts):
+            context, out = rec.turns[f"chat-{i}-t{k}"]
+            assert context == ids[:start] and ids[start:start + len(out)] == out
+            assert t.mask_np[start:start + len(out)].all()
+            if out[-1] != codec.stop_id:
+                break  # a cut turn has no end-of-turn token, which the template would write
+            replies.append(codec.decode(out[:-1]))
+            ends.append(start + len(out))
+        # The episode up to its last closed turn is the template's rendering of that conversation.
+        env = GuessNumber()
+        observations = [env.reset(300 + i)] + [env.step(r).observation for r in replies[:-1]]
+        if replies:
+            rendered = tok.apply_chat_template(codec.chat.messages(observations, replies), tokenize=False)
+            assert tok.decode(ids[:ends[-1]], skip_special_tokens=False) == rendered
+            checked += len(replies) >= 2
+    assert checked >= 3
+
+
+def test_actor_draws_dataset_prompts_without_replacement(engine, loop, tiny_model_dir, redis_url, tmp_path):
+    """An indexed environment (a dataset) gets the run's shared draw counter: 12 groups over 12 rows see each
+    row once (one epoch), whatever order they finish in."""
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 22)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=draws", "env.name=dataset",
+                    f'env.kwargs={{path = "{path}", verifier = "numeric"}}', "actor.max_turns=1",
+                    "actor.max_groups=12", "env.chat=true")
+    codec = TextCodec.from_config(cfg, tiny_model_dir)
+    actor, control, writer = make_actor(cfg, engine, codec)
+    try:
+        control.write_control(Control(version=engine.version, max_staleness=100, batch_groups=4))
+        reason = loop.run_until_complete(asyncio.wait_for(actor.run(), 120))
+        groups = stream_groups(control, len(codec.tokenizer), engine.version)
+    finally:
+        writer.close()
+    assert reason == "max_groups" and len(groups) == 12 and control.draws() == 12
+    prompts = [codec.tokenizer.decode(g.trajectories[0].tokens_np[:g.trajectories[0].prompt_len].tolist(),
+                                      skip_special_tokens=True) for g in groups]
+    assert sorted(prompts) == sorted(r["prompt"] for r in rows)
+    for g in groups:  # the G episodes of a group share their prompt
+        assert len({bytes(t.tokens_np[:t.prompt_len]) for t in g.trajectories}) == 1
+    control.close()

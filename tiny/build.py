@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from envs.episode import chat_format
 from protocol.errors import DcrlError
 from tiny.data import TEACHERS, encode_segments, guess_segments, masked_nll, pad_batch
 from tiny.evaluate import EVAL_SEED_BASE, evaluate_accuracy
@@ -80,7 +81,7 @@ class WarmStartError(RuntimeError):
 
 
 def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, task_kwargs: dict | None = None,
-               max_tokens: int = 8) -> dict:
+               max_tokens: int = 8, chat=None) -> dict:
     """Supervised warm start (AdamW, teacher forcing) until held-out greedy accuracy on ``tiny.warmstart_task``
     (with ``task_kwargs``, answers of up to ``max_tokens`` tokens) lands in the window
     [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
@@ -110,7 +111,8 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
     teacher = TEACHERS[task]
 
     def accuracy() -> float:
-        return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs=kwargs, max_tokens_per_turn=max_tokens)
+        return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs={**kwargs, **tiny.warmstart_eval_kwargs},
+                                 max_tokens_per_turn=max_tokens, chat=chat)
 
     acc = accuracy()
     step, every = 0, tiny.warmstart_eval_every
@@ -143,11 +145,11 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
         last = snapshot()
         model.train()
         for _ in range(min(every, tiny.warmstart_steps - step)):
-            arith = [encode_segments(teacher(rng.randrange(1 << 31), **kwargs), tokenizer)
+            arith = [encode_segments(teacher(rng.randrange(1 << 31), **kwargs), tokenizer, chat)
                      for _ in range(tiny.warmstart_batch)]
             loss = masked_nll(model, *pad_batch(arith, tokenizer.pad_token_id))
             if n_guess:
-                dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer)
+                dialogues = [encode_segments(guess_segments(rng.randrange(1 << 31)), tokenizer, chat)
                              for _ in range(n_guess)]
                 loss = loss + masked_nll(model, *pad_batch(dialogues, tokenizer.pad_token_id))
             opt.zero_grad(set_to_none=True)
@@ -169,6 +171,8 @@ def config_digest(cfg: "DcrlConfig") -> str:
     else:
         payload = {"tiny": tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT,
                    "task": [warmstart_task_kwargs(cfg), cfg.actor.max_tokens_per_turn]}
+    if cfg.env.chat:  # a chat-formatted warm start is another model (plain builds keep their digest)
+        payload["chat"] = [cfg.env.system_prompt, cfg.env.enable_thinking, cfg.env.chat_end_of_turn]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -225,7 +229,7 @@ def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[tiny] building {n_params / 1e6:.2f}M-parameter Qwen3 (vocab {mcfg.vocab_size}) into {out_dir}")
     result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log, task_kwargs=warmstart_task_kwargs(cfg),
-                        max_tokens=cfg.actor.max_tokens_per_turn)
+                        max_tokens=cfg.actor.max_tokens_per_turn, chat=chat_format(cfg, tokenizer, "the tiny tokenizer"))
     log(f"[tiny] warm start done: {result['steps']} steps, held-out {tiny.warmstart_task} accuracy "
         f"{result['accuracy']:.3f} in {result['seconds']}s")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,18 @@ def chain_sum_segments(seed: int, **kwargs) -> list[tuple[str, bool]]:
     return [(prompt, False), (env.worked_answer(), True)]
 
 
+def dataset_segments(seed: int, **kwargs) -> list[tuple[str, bool]]:
+    """One row of a dataset environment (draw ``seed``): its prompt, then its reference answer as the model turn."""
+    from envs.dataset import DatasetEnv
+
+    env = DatasetEnv(**kwargs)
+    prompt = env.reset(seed)
+    return [(prompt, False), (env.answer(), True)]
+
+
 # The single-turn tasks the warm start can teach (model.tiny.warmstart_task): env name -> solved episode.
-TEACHERS = {"arithmetic": lambda seed, **kw: arithmetic_segments(seed), "chain_sum": chain_sum_segments}
+TEACHERS = {"arithmetic": lambda seed, **kw: arithmetic_segments(seed), "chain_sum": chain_sum_segments,
+            "dataset": dataset_segments}
 
 
 def binary_search_guess(lo: int, hi: int) -> int:
@@ -49,14 +59,19 @@ def guess_segments(seed: int, hi: int = 100, max_turns: int = 12) -> list[tuple[
             top = guess - 1
 
 
-def encode_segments(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask of one episode: model turns get EOS appended and mask 1."""
+def encode_segments(pieces: list[tuple[str, bool]], tokenizer, chat=None) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask of one episode: model turns get EOS appended and mask 1. With ``chat``
+    (envs.chat.ChatFormat) the layout is the chat-formatted actor's: observations rendered as user messages
+    (``first`` / ``next``), model turns closed by the end-of-turn token."""
     ids: list[int] = []
     mask: list[int] = []
+    stop = chat.end_of_turn_id if chat is not None else tokenizer.eos_token_id
     for text, is_model in pieces:
+        if chat is not None and not is_model:
+            text = chat.next(text) if ids else chat.first(text)
         piece = tokenizer.encode(text, add_special_tokens=False)
         if is_model:
-            piece = piece + [tokenizer.eos_token_id]
+            piece = piece + [stop]
         ids += piece
         mask += [int(is_model)] * len(piece)
     return ids, mask

@@ -16,10 +16,15 @@ CHARSET = "\n" + "".join(chr(c) for c in range(32, 127))
 VOCAB_MULTIPLE = 8
 
 
+# Chat roles (envs.chat.TINY_CHAT_TEMPLATE), in what were the first reserved slots: ids and vocabulary size are
+# unchanged, so models built before they existed still load.
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+
 def vocab_layout() -> list[str]:
-    """Token strings by id: specials (pad=0, bos=1, eos=2, unk=3), the characters, then reserved
-    specials padding the vocabulary to a multiple of VOCAB_MULTIPLE (a size both engines handle well)."""
-    tokens = SPECIAL_TOKENS + list(CHARSET)
+    """Token strings by id: specials (pad=0, bos=1, eos=2, unk=3), the characters, the chat role tokens, then
+    reserved specials padding the vocabulary to a multiple of VOCAB_MULTIPLE (a size both engines handle well)."""
+    tokens = SPECIAL_TOKENS + list(CHARSET) + ROLE_TOKENS
     n_reserved = -len(tokens) % VOCAB_MULTIPLE
     return tokens + [f"<reserved_{i}>" for i in range(n_reserved)]
 
@@ -42,8 +47,11 @@ def build_tokenizer():
     core.decoder = decoders.Fuse()
     specials = [t for t in tokens if t.startswith("<") and t.endswith(">") and len(t) > 1]
     core.add_special_tokens(specials)
+    from envs.chat import TINY_CHAT_TEMPLATE
+
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
+        chat_template=TINY_CHAT_TEMPLATE,
         pad_token=PAD,
         bos_token=BOS,
         eos_token=EOS,
