@@ -12,6 +12,8 @@ to the game as the player's action, and the observation after it is what the gam
 one, without the game's echo of the move (TextArena's observations repeat the whole history; the episode
 already holds it). When the game ends,
 the reward is the player's final reward from ``env.close()`` (TextArena's scale, often -1, 0 or 1).
+``first_observation`` replaces the game's own introduction (several hundred characters: more than a small
+model's context) with a text of yours.
 
 The games run on the actor's event loop thread through ``envs.guard`` (``env.step_timeout_s`` applies).
 """
@@ -34,7 +36,7 @@ def drop_echo(text: str) -> str:
 class TextArenaEnv:
     """One TextArena game per episode; see the module docstring."""
 
-    def __init__(self, game: str, player_id: int = 0):
+    def __init__(self, game: str, player_id: int = 0, first_observation: str | None = None):
         try:
             import textarena
         except ImportError:
@@ -44,7 +46,7 @@ class TextArenaEnv:
             self.env = textarena.make(env_id=game)
         except Exception as e:  # an unknown id: one line naming it
             raise EnvError(f"textarena: cannot make game {game!r}: {type(e).__name__}: {e}") from None
-        self.game, self.player_id = game, int(player_id)
+        self.game, self.player_id, self.first_observation = game, int(player_id), first_observation
         self._seen = ""
 
     def _new_text(self) -> str:
@@ -58,7 +60,8 @@ class TextArenaEnv:
     def reset(self, seed: int) -> str:
         self.env.reset(num_players=1, seed=int(seed) % (1 << 31))
         self._seen = ""
-        return self._new_text().strip() or f"[{self.game}]"
+        intro = self._new_text().strip() or f"[{self.game}]"
+        return intro if self.first_observation is None else self.first_observation
 
     def step(self, action: str) -> StepResult:
         done, _info = self.env.step(action=action)

@@ -91,6 +91,8 @@ def test_textarena_errors_and_echo():
     with pytest.raises(EnvError, match="cannot make game 'NoSuchGame-v0'"):
         make_env("textarena", {"game": "NoSuchGame-v0"})
     assert drop_echo("\n[Player] [10]\n[GAME] higher.") == "\n[GAME] higher."
+    short = make_env("textarena", {"game": "GuessTheNumber-v0", "first_observation": "guess 1-20 as [n]:"})
+    assert short.reset(3) == "guess 1-20 as [n]:" and "[GAME]" in short.step("[10]").observation
     assert drop_echo("\n[GAME] higher.") == "\n[GAME] higher."
 
 
