@@ -191,7 +191,7 @@ class Engine:
     """A vLLM ``AsyncLLM`` plus the weight version it serves. One per actor process."""
 
     def __init__(self, llm, *, tag: str, temperature: float, top_p: float, clear_cache_on_reload: bool,
-                 version: int = 0):
+                 version: int = 0, coalesce: bool = False):
         self.llm = llm
         self.tag = tag
         self._in_flight = 0  # requests in the engine now (see busy_s)
@@ -208,6 +208,9 @@ class Engine:
         self._transfer_joined = False
         self.world_size = 1  # inference ranks (TP x PP) that join a weight transfer group; dcrl runs TP 1
         self.stop_token_ids: list[int] = []  # besides EOS: a chat template's end-of-turn token (set before use)
+        self.coalesce = coalesce  # identical turns asked in one loop iteration -> one request with n samples
+        self._pending: dict[tuple, list[tuple[str, asyncio.Future]]] = {}
+        self.coalesced_requests = 0  # requests that carried more than one turn (for status and tests)
 
     @classmethod
     async def start(cls, cfg: "DcrlConfig", model_path: str | os.PathLike, *, device: str = "cpu",
@@ -226,58 +229,108 @@ class Engine:
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.
         engine = cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(cfg, model_path, device, replica))),
                      tag=engine_tag(device, cfg.actor.dtype, cfg.actor.weight_quant), temperature=cfg.actor.temperature,
-                     top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache)
+                     top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache,
+                     coalesce=cfg.actor.coalesce_turns)
         if device == "cpu":
             await engine.llm.collective_rpc("dcrl_init_amx")
         await engine.llm.update_weight_version("0")
         log.info("vLLM engine up on %s (%s) in %.1f s", model_path, engine.tag, time.monotonic() - t0)
         return engine
 
-    def sampling_params(self, max_tokens: int, ignore_eos: bool = False):
+    def sampling_params(self, max_tokens: int, ignore_eos: bool = False, n: int = 1):
         """The SamplingParams of every model turn (also used by bench/rollout.py's standalone baseline).
 
-        Built once per (max_tokens, ignore_eos) and shared: building one costs ~0.1 ms of Python, and
+        Built once per (max_tokens, ignore_eos, n) and shared: building one costs ~0.1 ms of Python, and
         vLLM clones the params of every request it accepts, so sharing is safe.
         """
-        key = (max_tokens, ignore_eos)
+        key = (max_tokens, ignore_eos, n)
         params = self._params_cache.get(key)
         if params is None:
-            params = self._params_cache[key] = self._build_params(max_tokens, ignore_eos)
+            params = self._params_cache[key] = self._build_params(max_tokens, ignore_eos, n)
         return params
 
-    def _build_params(self, max_tokens: int, ignore_eos: bool):
+    def _build_params(self, max_tokens: int, ignore_eos: bool, n: int = 1):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # FINAL_ONLY: one output per turn instead of one per token (the Python side is the bottleneck on
         # small models); versions come from the engine's spans, so streaming buys nothing here.
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, logprobs=0,
+        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, logprobs=0,
                               ignore_eos=ignore_eos, detokenize=False, stop_token_ids=self.stop_token_ids or None,
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, context: Sequence[int], max_tokens: int, request_id: str, *,
                        ignore_eos: bool = False) -> TurnOutput:
         """Sample one model turn after ``context`` (token ids): up to ``max_tokens`` tokens, stopping at
-        EOS (which is returned as the last token). Cancelling the caller aborts the vLLM request."""
+        EOS (which is returned as the last token). Cancelling the caller aborts the vLLM request.
+
+        With ``coalesce`` (``actor.coalesce_turns``), turns asked for the same context and budget within one
+        iteration of the event loop (the G first turns of a group start together) go to vLLM as one request
+        with ``n`` samples: one prompt to process instead of G, and G fewer requests through vLLM's Python
+        front end. Each caller still gets its own sample, logprobs and version labels; the request is aborted
+        only when every caller has gone."""
+        if not self.coalesce:
+            return (await self._request(context, max_tokens, request_id, ignore_eos, 1))[0]
+        key = (tuple(context), max_tokens, ignore_eos)
+        waiters = self._pending.get(key)
+        if waiters is None:
+            waiters = self._pending[key] = []
+            asyncio.get_running_loop().call_soon(self._flush, key)
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append((request_id, fut))
+        return await fut
+
+    def _flush(self, key: tuple) -> None:
+        """Send the turns waiting on ``key`` as one request (n = their number) and hand each its sample."""
+        waiters = self._pending.pop(key)
+        context, max_tokens, ignore_eos = key
+        task = asyncio.ensure_future(self._request(context, max_tokens, waiters[0][0], ignore_eos, len(waiters)))
+
+        def abandoned(_):  # every caller cancelled (its episode stopped): abort the vLLM request
+            if all(f.cancelled() for _, f in waiters):
+                task.cancel()
+
+        def deliver(t: asyncio.Task) -> None:
+            for i, (_, f) in enumerate(waiters):
+                if f.done():
+                    continue
+                if t.cancelled():
+                    f.cancel()
+                elif t.exception() is not None:
+                    f.set_exception(t.exception())
+                else:
+                    f.set_result(t.result()[i])
+
+        for _, f in waiters:
+            f.add_done_callback(abandoned)
+        task.add_done_callback(deliver)
+        if len(waiters) > 1:
+            self.coalesced_requests += 1
+
+    async def _request(self, context: Sequence[int], max_tokens: int, request_id: str, ignore_eos: bool,
+                       n: int) -> list[TurnOutput]:
+        """One vLLM request with ``n`` samples; one TurnOutput per sample, in vLLM's index order."""
         from vllm.inputs import TokensPrompt
 
         final = None
         self._enter_request()
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(context)),
-                                               self.sampling_params(max_tokens, ignore_eos), request_id):
+                                               self.sampling_params(max_tokens, ignore_eos, n), request_id):
                 final = out
         finally:
             self._leave_request()
-        if final is None:
-            raise RuntimeError(f"vLLM request {request_id} ended without an output")
-        c = final.outputs[0]
-        ids = list(c.token_ids)
-        # logprobs=0 returns exactly the sampled token's entry at each position.
-        lps = [float(pos[tok].logprob) for tok, pos in zip(ids, c.logprobs)]
-        versions = spans_to_versions(c.weight_versions, len(ids)).tolist()
-        self.generated_tokens += len(ids)
-        return TurnOutput(ids, lps, versions, stopped=c.finish_reason == "stop")
+        if final is None or len(final.outputs) != n:
+            raise RuntimeError(f"vLLM request {request_id} ended without its {n} output(s)")
+        turns = []
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            # logprobs=0 returns exactly the sampled token's entry at each position.
+            lps = [float(pos[tok].logprob) for tok, pos in zip(ids, c.logprobs)]
+            versions = spans_to_versions(c.weight_versions, len(ids)).tolist()
+            self.generated_tokens += len(ids)
+            turns.append(TurnOutput(ids, lps, versions, stopped=c.finish_reason == "stop"))
+        return turns
 
     def _enter_request(self) -> None:
         if self._in_flight == 0:

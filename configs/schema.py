@@ -194,6 +194,9 @@ class ActorConfig(_Strict):
     a learner step), the actor skips versions instead of spending its time reloading. A reload needed to stay
     within the cap K (a group may not start on weights more than K versions old) is never delayed, so K = 0
     stays exactly on-policy. 1.0: load every version as soon as it is announced."""
+    coalesce_turns: bool = True
+    """Turns asked for the same context within one event-loop iteration (the G first turns of a group) go to
+    vLLM as one request with n = G samples (actors/engine.py): one prompt prefill and one request instead of G."""
     reload_clear_cache: bool = True
     """Clear vLLM's KV/prefix cache at each weight update: in-flight requests are re-prefilled with the new
     weights and no later turn reuses a prefix computed by the old ones (costs one prefill per update)."""
