@@ -251,6 +251,11 @@ class LearnerConfig(_Strict):
     """Fail with a clear error if a step's batch is not complete after this long (actors dead?)."""
     torch_threads: int = Field(0, ge=0)
     """torch intra-op threads of the learner (0: torch's default)."""
+    world_size: int = Field(1, ge=1, le=64)
+    """Learner ranks. 1: one process, the model unsharded. N > 1: ``python -m learner`` starts N - 1 more ranks
+    on this machine (127.0.0.1; gloo on CPU, nccl on GPU with one GPU per rank) and shards the model over all
+    N with FSDP2 (per decoder layer, then the root). Rank 0 alone talks to Redis, the actors and the run
+    directory; see learner/distributed.py."""
     crash_after_step: int | None = Field(None, ge=1)
     """Tests only: SIGKILL the learner right after this step's optimizer step, weight publish and control
     write, before its checkpoint (exercises resume and the exactly-once bookkeeping)."""
