@@ -78,6 +78,7 @@ log = logging.getLogger("dcrl.learner.ranks")
 CONFIG_FILE = "config.json"
 SPEC_FILE = "spec.json"
 STORE_FILE = "store"
+RENDEZVOUS_PREFIX = "dcrl-learner-ranks-"  # + rank 0's pid: a temporary directory per sharded run
 _PR_SET_PDEATHSIG = 1
 
 
@@ -414,6 +415,18 @@ def _die_with_parent_hook():
     return hook
 
 
+def remove_orphan_rendezvous() -> None:
+    """Remove the rendezvous directories of rank-0 processes that are gone (killed before their cleanup)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{RENDEZVOUS_PREFIX}*"):
+        try:
+            pid = int(d.name[len(RENDEZVOUS_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def group_timeout_s(cfg: "DcrlConfig") -> float:
     """How long a rank may wait in one collective: the other ranks wait for the next command while rank 0
     waits for a batch (up to ``learner.wait_timeout_s``), plus room for a step and a checkpoint."""
@@ -429,7 +442,8 @@ def start(cfg: "DcrlConfig", model_dir: Path, checkpoint: Path | None) -> Ranks:
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise RuntimeError(f"learner.world_size = {world} needs one GPU per rank; {torch.cuda.device_count()} "
                            "visible")
-    rdv = Path(tempfile.mkdtemp(prefix="dcrl-learner-ranks-"))
+    remove_orphan_rendezvous()
+    rdv = Path(tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-"))
     (rdv / CONFIG_FILE).write_text(cfg.model_dump_json())
     (rdv / SPEC_FILE).write_text(json.dumps({
         "world_size": world, "model_dir": str(Path(model_dir).resolve()),

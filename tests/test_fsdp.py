@@ -173,3 +173,40 @@ def test_two_ranks_train_like_one_and_resume_across_world_sizes(tmp_path, redis_
         # entry near zero into a difference of up to a good fraction of lr; a wrong gradient (a missing rank's
         # rows, a mean instead of a sum over ranks) moves many weights by the whole lr.
         assert f["max_weight_diff"] <= 0.05 * lr and f["max_adam_v_diff"] <= 1e-9, f
+
+
+@pytest.mark.slow  # two learner runs with two ranks
+def test_two_ranks_killed_before_checkpoint_leave_no_rank_behind_and_resume_once(tmp_path, redis_url,
+                                                                                random_tiny_dir, data_model):
+    """SIGKILL of rank 0 right after step 2 (before its checkpoint): rank 1 must not outlive it, and the
+    restarted two-rank learner retrains step 2's entries, so every entry is trained exactly once."""
+    import time
+
+    from conftest import marked_processes
+    from learner.checkpoint import list_checkpoints
+
+    overrides = [
+        f"run.root={tmp_path / 'runs'}", "run.name=crash2", f"redis.url={redis_url}", "redis.prefix=crash2",
+        f"model.path={random_tiny_dir}", *TINY, "learner.world_size=2",
+        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+        "learner.wandb_mode=disabled", "learner.progress=false", "learner.batch_groups=2", "learner.micro_batch=4",
+        "learner.steps=3", "learner.checkpoint_every=1", "learner.keep_checkpoints=10",
+    ]
+    cfg = load_config("tiny", overrides, env={})
+    ids = push(cfg, make_groups(data_model, 6, tag="crash2"))
+
+    r = run_learner([*overrides, "learner.crash_after_step=2"])
+    assert r.returncode == -9, r.stderr[-4000:]
+    deadline = time.monotonic() + 15
+    while (left := [c for _, c in marked_processes(os.environ["DCRL_TEST_SESSION"]) if "learner.distributed" in c]):
+        assert time.monotonic() < deadline, f"rank 1 outlived rank 0: {left}"
+        time.sleep(0.2)
+    assert [p.name for p in list_checkpoints(cfg.run.dir)] == ["step_000001"]
+    assert stream_state(cfg) == (4, 2)  # step 1 acked; step 2's entries pending; two never read
+
+    r = run_learner(overrides)
+    assert r.returncode == 0, r.stderr[-4000:]
+    states = [json.loads((p / "state.json").read_text()) for p in list_checkpoints(cfg.run.dir)]
+    assert [s["step"] for s in states] == [1, 2, 3]
+    assert sorted(i for s in states for i in s["trained_ids"]) == sorted(ids), "an entry was lost or trained twice"
+    assert stream_state(cfg) == (0, 0)
