@@ -118,17 +118,22 @@ def decoder_layers(model):
     return layers
 
 
-def shard_model(model) -> None:
+def shard_model(model, lcfg) -> None:
     """FSDP2 in place: ``fully_shard`` per decoder layer, then the root; gradients reduced by SUM.
 
     FSDP divides reduced gradients by the world size by default (a mean over data-parallel ranks); here each
     rank's loss already carries 1 / (the batch's token count), so the gradient of the batch is the sum.
-    ``force_sum_reduction`` keeps the reduction a plain SUM (gloo has no pre-multiplied sum)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    ``force_sum_reduction`` keeps the reduction a plain SUM (gloo has no pre-multiplied sum).
+    ``lcfg`` (``LearnerConfig``): ``compute_dtype`` -> ``MixedPrecisionPolicy`` (reduction in ``dtype``),
+    ``cpu_offload`` -> ``CPUOffloadPolicy``."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, lcfg.compute_dtype), reduce_dtype=getattr(torch, lcfg.dtype))
+    offload = CPUOffloadPolicy() if lcfg.cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

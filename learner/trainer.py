@@ -590,7 +590,12 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
 
     lcfg = cfg.learner
     torch.manual_seed(cfg.run.seed)
-    model = load_policy(model_dir, lcfg.dtype, device)
+    # CPU offload: the full model never visits the GPU; fully_shard leaves each shard in (pinned) host memory
+    model = load_policy(model_dir, lcfg.dtype, torch.device("cpu") if lcfg.cpu_offload else device)
+    if lcfg.activation_checkpointing:
+        # Non-reentrant: composes with FSDP2's hooks; active in train mode only (the no-grad pi_prox pass is
+        # in eval mode and keeps nothing anyway).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ranks is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
         if ckpt is not None:
@@ -600,7 +605,7 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
 
     if ckpt is not None:
         ckpt.restore(model)  # weights and RNG states, into the full model
-    shard_model(model)
+    shard_model(model, lcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt.optimizer_state())
