@@ -256,10 +256,11 @@ class LearnerConfig(_Strict):
     on this machine (127.0.0.1; gloo on CPU, nccl on GPU with one GPU per rank) and shards the model over all
     N with FSDP2 (per decoder layer, then the root). Rank 0 alone talks to Redis, the actors and the run
     directory; see learner/distributed.py."""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """world_size > 1: the dtype of the forward and backward (FSDP2 ``MixedPrecisionPolicy.param_dtype``: the
-    shards are gathered in it). Parameters, AdamW states and the gradient reduction stay in ``learner.dtype``:
-    bfloat16 here with dtype float32 is bf16 compute over fp32 master weights. Logprobs are taken in fp32."""
+    shards are gathered in it); "auto": ``learner.dtype``. Parameters, AdamW states and the gradient reduction
+    stay in ``learner.dtype``: bfloat16 here with dtype float32 is bf16 compute over fp32 master weights.
+    Logprobs are taken in fp32 either way."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (transformers'
     gradient checkpointing, non-reentrant): about one more forward of compute for activations of one layer."""
@@ -362,7 +363,7 @@ class DcrlConfig(_Strict):
             raise ValueError("model.tiny.warmstart_min_acc must be <= model.tiny.warmstart_max_acc (the warm start's "
                              "accuracy window)")
         lcfg = self.learner
-        if lcfg.world_size == 1 and lcfg.compute_dtype != lcfg.dtype:
+        if lcfg.world_size == 1 and lcfg.compute_dtype not in ("auto", lcfg.dtype):
             raise ValueError(f"learner.compute_dtype = {lcfg.compute_dtype!r} differs from learner.dtype: mixed "
                              "precision is FSDP2's, it needs learner.world_size > 1 (with one rank set learner.dtype)")
         if lcfg.cpu_offload and (lcfg.world_size == 1 or lcfg.device == "cpu"):

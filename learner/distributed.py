@@ -129,7 +129,8 @@ def shard_model(model, lcfg) -> None:
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, lcfg.compute_dtype), reduce_dtype=getattr(torch, lcfg.dtype))
+    compute = lcfg.dtype if lcfg.compute_dtype == "auto" else lcfg.compute_dtype
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, compute), reduce_dtype=getattr(torch, lcfg.dtype))
     offload = CPUOffloadPolicy() if lcfg.cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
@@ -448,11 +449,14 @@ def start(cfg: "DcrlConfig", model_dir: Path, checkpoint: Path | None) -> Ranks:
         raise RuntimeError(f"learner.world_size = {world} needs one GPU per rank; {torch.cuda.device_count()} "
                            "visible")
     remove_orphan_rendezvous()
+    # mkdtemp makes the directory private (0700): the config may hold the Redis password
     rdv = Path(tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-"))
     (rdv / CONFIG_FILE).write_text(cfg.model_dump_json())
     (rdv / SPEC_FILE).write_text(json.dumps({
-        "world_size": world, "model_dir": str(Path(model_dir).resolve()),
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve())}))
+        "world_size": world,
+        "model_dir": str(model_dir),  # as given (a hub name stays one); the other ranks share rank 0's cwd
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "log_level": logging.getLogger().getEffectiveLevel()}))
     ranks = Ranks(rank=0, world=world, device=device, rendezvous_dir=rdv)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
@@ -502,7 +506,7 @@ def follower_main(argv: list[str]) -> int:
     rdv, rank = Path(argv[0]), int(argv[1])
     cfg = DcrlConfig.model_validate_json((rdv / CONFIG_FILE).read_text())
     spec = json.loads((rdv / SPEC_FILE).read_text())
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
+    logging.basicConfig(level=int(spec.get("log_level", logging.INFO)), format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     import torch
 
