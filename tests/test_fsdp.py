@@ -113,9 +113,9 @@ def run_learner(overrides: list[str], timeout: float = 300) -> subprocess.Comple
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def reference_step(cfg, model_dir, ckpt_dir, groups):
-    """The world_size 1 step from checkpoint ``ckpt_dir`` (None: the initial model) on ``groups``, in this
-    process: (model, optimizer, metrics row)."""
+def reference_step(cfg, model_dir, ckpt_dir, groups, version: int):
+    """The world_size 1 step from checkpoint ``ckpt_dir`` (None: the initial model) on ``groups`` at policy
+    version ``version``, in this process: (model, optimizer, metrics row)."""
     from learner.checkpoint import load_checkpoint
     from learner.controller import DCMDPController
     from learner.trainer import Learner, build_policy, pick_device
@@ -127,7 +127,7 @@ def reference_step(cfg, model_dir, ckpt_dir, groups):
         controller.load_state_dict(ckpt.state["controller"])
     learner = Learner(cfg, model=model, optimizer=optimizer, controller=controller, reader=None, control=None,
                       publisher=None, metrics=None, run_dir=Path("."), device=pick_device("cpu"),
-                      version=0 if ckpt is None else ckpt.version)
+                      version=version)
     row = learner.train_step(groups).row
     return model, optimizer, row
 
@@ -206,11 +206,29 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
     rows = read_metrics(cfg.run.dir / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]  # the killed run's step-2 row was replaced
 
+    # The two-rank publish (weights gathered on rank 0) is the one-rank file: the state in the actors' dtype,
+    # the tied head written out explicitly.
+    from safetensors.torch import load_file
+
+    from weights.fileserver import version_dir
+
+    # one layout whatever the world size that wrote the checkpoint (ckpt 2: one rank; the others: two)
+    assert len({frozenset(load_file(str(p / "model.safetensors"))) for p in ckpts}) == 1
+    assert [s["version"] for s in states] == [1, 3, 4, 5]  # the killed run had published version 2
+    published = load_file(str(version_dir(cfg.run.dir, states[-1]["version"]) / "model.safetensors"))
+    final = load_file(str(ckpts[-1] / "model.safetensors"))
+    wire = getattr(torch, cfg.actor.dtype)
+    head = final.get("lm_head.weight", final.get("model.embed_tokens.weight"))
+    assert published.keys() == final.keys() | {"lm_head.weight", "model.embed_tokens.weight"}
+    assert torch.equal(published["lm_head.weight"], head.to(wire))
+    assert all(torch.equal(published[k], t.to(wire)) for k, t in final.items())
+
     figures = []
     for k, ckpt in enumerate(ckpts):
         prev = None if k == 0 else ckpts[k - 1]
         step_groups = [by_id[i] for i in states[k]["trained_ids"]]
-        model, optimizer, ref = reference_step(cfg, random_tiny_dir, prev, step_groups)
+        # the version the run trained this step at (after the kill: Redis's, ahead of the checkpoint's)
+        model, optimizer, ref = reference_step(cfg, random_tiny_dir, prev, step_groups, states[k]["version"] - 1)
         w_diff, v_diff = compare_with_checkpoint(model, optimizer, ckpt)
         assert rows[k]["tokens/generated"] == ref["tokens/generated"]
         assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
