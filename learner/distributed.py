@@ -506,8 +506,8 @@ def follower_main(argv: list[str]) -> int:
     rdv, rank = Path(argv[0]), int(argv[1])
     cfg = DcrlConfig.model_validate_json((rdv / CONFIG_FILE).read_text())
     spec = json.loads((rdv / SPEC_FILE).read_text())
-    logging.basicConfig(level=int(spec.get("log_level", logging.INFO)), format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=int(spec.get("log_level", logging.INFO)), stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     import torch
 
     if cfg.learner.torch_threads:
