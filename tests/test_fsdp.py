@@ -103,14 +103,43 @@ def test_activation_checkpointing_leaves_the_step_unchanged(tmp_path, random_tin
 # ---------------------------------------------------------------- end to end, against one process
 
 
-def run_learner(overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
-    env["DCRL_TEST_SESSION"] = os.environ.get("DCRL_TEST_SESSION", "")
+def start_learner(overrides: list[str]) -> subprocess.Popen:
+    """``python -m learner`` of this checkout (first on PYTHONPATH), output captured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_") or k == "DCRL_TEST_SESSION"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "learner", "--config", "tiny", "--log-level", "WARNING"]
     for o in overrides:
         cmd += ["--set", o]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_learner(overrides: list[str], timeout: float = 300) -> tuple[int, str, int]:
+    """(exit status, stderr, pid) of one learner run."""
+    p = start_learner(overrides)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err, p.pid
+
+
+def ranks_of(rank0_pid: int) -> list[int]:
+    """Pids of the live ranks 1..N-1 that rank 0 ``rank0_pid`` started (their command line names its
+    rendezvous directory)."""
+    from learner.distributed import RENDEZVOUS_PREFIX
+
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if f"{RENDEZVOUS_PREFIX}{rank0_pid}-" in cmd and "learner.distributed" in cmd and state != "Z":
+            found.append(int(d.name))
+    return found
 
 
 def reference_step(cfg, model_dir, ckpt_dir, groups, version: int):
@@ -169,7 +198,6 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
 
     import torch
 
-    from conftest import marked_processes
     from learner.checkpoint import list_checkpoints
 
     overrides = [
@@ -184,19 +212,19 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
     ids = push(cfg, groups)
     by_id = dict(zip(ids, groups))
 
-    r = run_learner([*overrides, "learner.world_size=2", "learner.steps=3", "learner.crash_after_step=2"])
-    assert r.returncode == -9, r.stderr[-4000:]
+    rc, err, pid = run_learner([*overrides, "learner.world_size=2", "learner.steps=3", "learner.crash_after_step=2"])
+    assert rc == -9, err[-4000:]
     deadline = time.monotonic() + 15
-    while (left := [c for _, c in marked_processes(os.environ["DCRL_TEST_SESSION"]) if "learner.distributed" in c]):
-        assert time.monotonic() < deadline, f"rank 1 outlived rank 0: {left}"
+    while left := ranks_of(pid):
+        assert time.monotonic() < deadline, f"rank 1 (pid {left}) outlived rank 0"
         time.sleep(0.2)
     assert [p.name for p in list_checkpoints(cfg.run.dir)] == ["step_000001"]
     assert stream_state(cfg) == (6, 2)  # step 1 acked; step 2's entries pending; four never read
 
     for world, steps, extra in [(1, 2, []), (2, 3, ["learner.activation_checkpointing=true"]),
                                 (2, 4, ["learner.compute_dtype=bfloat16"])]:
-        r = run_learner([*overrides, f"learner.world_size={world}", f"learner.steps={steps}", *extra])
-        assert r.returncode == 0, r.stderr[-4000:]
+        rc, err, _ = run_learner([*overrides, f"learner.world_size={world}", f"learner.steps={steps}", *extra])
+        assert rc == 0, err[-4000:]
 
     ckpts = list_checkpoints(cfg.run.dir)
     assert [p.name for p in ckpts] == ["step_000001", "step_000002", "step_000003", "step_000004"]
