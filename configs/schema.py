@@ -266,6 +266,23 @@ class LearnerConfig(_Strict):
     """Fail with a clear error if a step's batch is not complete after this long (actors dead?)."""
     torch_threads: int = Field(0, ge=0)
     """torch intra-op threads of the learner (0: torch's default)."""
+    world_size: int = Field(1, ge=1, le=64)
+    """Learner ranks. 1: one process, the model unsharded. N > 1: ``python -m learner`` starts N - 1 more ranks
+    on this machine (127.0.0.1; gloo on CPU, nccl on GPU with one GPU per rank) and shards the model over all
+    N with FSDP2 (per decoder layer, then the root). Rank 0 alone talks to Redis, the actors and the run
+    directory; see learner/distributed.py."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """world_size > 1: the dtype of the forward and backward (FSDP2 ``MixedPrecisionPolicy.param_dtype``: the
+    shards are gathered in it); "auto": ``learner.dtype``. Parameters, AdamW states and the gradient reduction
+    stay in ``learner.dtype``: bfloat16 here with dtype float32 is bf16 compute over fp32 master weights.
+    Logprobs are taken in fp32 either way."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): about one more forward of compute for activations of one layer."""
+    cpu_offload: bool = False
+    """world_size > 1 on GPUs: keep the parameter shards, gradients and AdamW states in host memory (FSDP2
+    ``CPUOffloadPolicy``; the optimizer step runs on the CPU); each layer is copied to the GPU for its
+    forward and backward."""
     crash_after_step: int | None = Field(None, ge=1)
     """Tests only: SIGKILL the learner right after this step's optimizer step, weight publish and control
     write, before its checkpoint (exercises resume and the exactly-once bookkeeping)."""
@@ -364,6 +381,13 @@ class DcrlConfig(_Strict):
         if self.model.tiny.warmstart_min_acc > self.model.tiny.warmstart_max_acc:
             raise ValueError("model.tiny.warmstart_min_acc must be <= model.tiny.warmstart_max_acc (the warm start's "
                              "accuracy window)")
+        lcfg = self.learner
+        if lcfg.world_size == 1 and lcfg.compute_dtype not in ("auto", lcfg.dtype):
+            raise ValueError(f"learner.compute_dtype = {lcfg.compute_dtype!r} differs from learner.dtype: mixed "
+                             "precision is FSDP2's, it needs learner.world_size > 1 (with one rank set learner.dtype)")
+        if lcfg.cpu_offload and (lcfg.world_size == 1 or lcfg.device == "cpu"):
+            raise ValueError("learner.cpu_offload moves FSDP2 shards off the GPUs: it needs learner.world_size > 1 "
+                             "and a GPU learner (learner.device \"cuda\" or \"auto\")")
         if self.learner.weight_transfer == "nccl" and self.learner.device == "cpu":
             raise ValueError("learner.weight_transfer = \"nccl\" broadcasts from the learner's GPU: it needs "
                              "learner.device = \"cuda\" (or \"auto\" on a GPU machine); use \"gloo\" on CPU")

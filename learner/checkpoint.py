@@ -5,6 +5,10 @@ A checkpoint directory holds
 - ``model.safetensors``: the trainer's weights (tied tensors stored once, ``safetensors.torch.save_model``);
 - ``optimizer.pt``: ``optimizer.state_dict()`` plus the torch RNG state (tensors only, loaded with
   ``weights_only=True``: nothing arbitrary is unpickled);
+
+The layout does not depend on ``learner.world_size``: a sharded learner gathers the full model and the full
+optimizer state on rank 0 and writes them in the same form (parameters numbered in ``model.parameters()``
+order, tied tensors stored once), so a run resumes with any number of ranks (``learner.distributed``).
 - ``state.json``: step, version, controller state, python/numpy RNG states, the metrics.jsonl offset and
   the buffer bookkeeping (``trained_ids``: the stream ids of the entries whose effect this checkpoint is
   the first to contain; ``trained_total``: all entries trained so far).
@@ -96,6 +100,12 @@ class Checkpoint:
     def version(self) -> int:
         return int(self.state["version"])
 
+    def optimizer_state(self) -> dict[str, Any]:
+        """The saved ``optimizer.state_dict()`` (parameters numbered in ``model.parameters()`` order)."""
+        import torch
+
+        return torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True)["optimizer"]
+
     def restore(self, model, optimizer=None) -> None:
         """Load weights into ``model`` (strict), optimizer state into ``optimizer``, and all RNG states."""
         import torch
@@ -110,6 +120,16 @@ class Checkpoint:
         restore_rng(self.state["rng"])
 
 
+@dataclass
+class GatheredState:
+    """A sharded learner's full state on rank 0, in the layout :func:`save_checkpoint` writes for an unsharded
+    one: ``model`` the full state dict with each tied tensor under one name, ``optimizer`` an
+    ``optimizer.state_dict()``-shaped dict (parameters numbered in ``model.parameters()`` order)."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write the checkpoint of ``step`` atomically, point ``latest`` at it, prune to the newest ``keep``.
@@ -117,9 +137,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
     ``state`` is JSON-able (version, controller state, bookkeeping); ``step`` and the RNG states are added
     here. Returns the checkpoint directory. Called by the learner every ``checkpoint_every`` steps and at
     the end; the learner acks the consumed entries only after this returns.
+
+    ``model`` and ``optimizer`` are either the live (unsharded) objects or, for a sharded learner, a
+    :class:`GatheredState` holding the full tensors rank 0 gathered (``learner.distributed``).
     """
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -128,8 +151,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    if isinstance(model, GatheredState):
+        save_file(model.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        optimizer_state = model.optimizer
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+        optimizer_state = optimizer.state_dict()
+    torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     full = dict(state, step=int(step), rng=capture_rng())
     (tmp / "state.json").write_text(json.dumps(full))
     _fsync_tree(tmp)
@@ -171,6 +199,12 @@ def _prune(root: Path, keep: int, protect: str) -> None:
     for p in root.iterdir():
         if p.name.startswith(".tmp-") and p.is_dir() and not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint in directory ``path`` (its state.json read; tensors are read by ``restore``)."""
+    path = Path(path)
+    return Checkpoint(path=path, state=json.loads((path / "state.json").read_text()))
 
 
 def load_latest(run_dir: str | os.PathLike) -> Checkpoint | None:

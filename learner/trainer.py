@@ -15,7 +15,9 @@ One optimizer step at learner version V::
 
 ``setup(cfg, fresh)`` wires the components (model, optimizer, controller, reader, control plane,
 publisher, metrics) and restores a checkpoint; :class:`Learner` only drives them. ``python -m learner``
-calls :func:`train`.
+calls :func:`train`. With ``learner.world_size = N > 1`` the same loop runs on rank 0 of N FSDP2 ranks; the
+other ranks take part in each step's collectives (``learner.distributed`` describes how batches, statistics,
+weights and checkpoints move between them).
 
 Versions stay monotone across restarts: a restarted learner takes max(checkpoint version, Control.version
 in Redis) and re-publishes its restored weights under it, because actors may already hold (and tag tokens
@@ -171,6 +173,11 @@ def reduce_loss_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+LOSS_METRICS = ("loss", "pg_loss", "penalty", "n_tokens", "n_kept", "masked_frac", "mean_rho", "clip_frac",
+                "mean_ratio", "mean_adv", "mean_w")
+"""The keys of ``reduce_loss_metrics``' result (what ranks send to rank 0, in this order)."""
+
+
 def episode_stats(groups) -> dict[str, float]:
     """Per-episode means over a batch: model turns, tokens (all / generated), truncated fraction."""
     trajs = [t for g in groups for t in g.trajectories]
@@ -222,7 +229,7 @@ class Learner:
 
     def __init__(self, cfg: "DcrlConfig", *, model, optimizer, controller, reader, control, publisher,
                  metrics: MetricsLogger, run_dir: Path, device: "torch.device", step: int = 0, version: int = 0,
-                 trained_total: int = 0):
+                 trained_total: int = 0, ranks=None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -241,6 +248,7 @@ class Learner:
         self.last_checkpoint_step = step
         self.actor_reports: dict[str, "ActorReport"] = {}  # latest ActorReport per actor, for the time breakdown
         self.dropout_free = has_no_dropout(model)  # then train-mode and eval-mode forwards agree (fused pi_prox)
+        self.ranks = ranks  # learner.distributed.Ranks when learner.world_size > 1, else None
 
     # -- control plane
 
@@ -251,8 +259,17 @@ class Learner:
             batch_groups=self.cfg.learner.batch_groups, stop=stop))
 
     def publish(self) -> None:
-        """Publish the current weights as ``version`` (files + ZMQ) and store the announcement in Redis."""
-        w = self.publisher.publish(self.model, self.version)
+        """Publish the current weights as ``version`` (files + ZMQ) and store the announcement in Redis.
+        Sharded: the other ranks help gather the full weights on rank 0 first."""
+        weights = self.model
+        if self.ranks is not None:
+            from learner.distributed import Command, FullWeights, full_model_state
+
+            self.ranks.send(Command.PUBLISH)
+            # nccl transfer broadcasts from the GPU: the gathered (host) weights go back to rank 0's GPU
+            on_gpu = self.cfg.learner.weight_transfer == "nccl"
+            weights = FullWeights(full_model_state(self.model), device=self.device if on_gpu else None)
+        w = self.publisher.publish(weights, self.version)
         self.control.set_weights(w)
 
     # -- data
@@ -300,23 +317,60 @@ class Learner:
     # -- one optimizer step
 
     def train_step(self, groups) -> StepResult:
-        """One optimizer step on ``groups``; advances ``version``. Returns the metrics row (no I/O)."""
+        """One optimizer step on ``groups``; advances ``version``. Returns the metrics row (no I/O; sharded,
+        the batch is broadcast to the other ranks, which then run :meth:`train_batch` with rank 0)."""
+        t0 = time.perf_counter()
+        batch = collate(groups)
+        if self.ranks is not None:
+            from learner.distributed import Command
+
+            self.ranks.send(Command.TRAIN)
+            self.ranks.share_batch(batch)
+        return self.train_batch(batch, groups, t0)
+
+    def _forward(self, tokens: "Tensor", rows: tuple[int, int, int] | None) -> "Tensor":
+        """Token logprobs of the micro-batch ``rows`` = (start, stop, width) of ``tokens``; ``None`` is an empty
+        pass (one row of padding) that a rank with fewer micro-batches than the others runs, so that every rank
+        takes part in the same sequence of FSDP collectives."""
+        if rows is None:
+            import torch
+
+            return forward_logprobs(self.model, torch.zeros((1, 2), dtype=torch.int64, device=self.device))
+        s, e, w = rows
+        return forward_logprobs(self.model, tokens[s:e, :w])
+
+    def train_batch(self, batch: Batch, groups=None, t0: float | None = None) -> StepResult | None:
+        """One optimizer step on a collated batch. With one rank: all rows, returns the metrics row. Sharded
+        (``learner.distributed``): every rank calls it with the same batch and trains its own rows; the
+        discrepancy statistics and the controller run on rank 0 over the gathered pi_prox of all rows, the
+        loss is normalised by the token count of the whole batch; rank 0 returns the row, the others None."""
         import torch
 
         from learner.discrepancy import per_token_discrepancy, summarize
         from learner.loss import policy_loss
 
         cfg, ccfg = self.cfg.learner, self.cfg.controller
-        t0 = time.perf_counter()
-        batch = collate(groups)
+        t0 = time.perf_counter() if t0 is None else t0
+        ranks = self.ranks
+        main = ranks is None or ranks.is_main
+        n_rows = len(batch.lengths)
+        if ranks is None:
+            lo, hi, n_passes = 0, n_rows, None
+        else:
+            from learner.distributed import row_range
+
+            lo, hi = row_range(n_rows, ranks.rank, ranks.world)
+            n_passes = max(-(-(b - a) // cfg.micro_batch)
+                           for a, b in (row_range(n_rows, r, ranks.world) for r in range(ranks.world)))
         dev = self.device
-        tokens = batch.tokens.to(dev)
-        logp_mu = batch.logp_mu.to(dev)
-        mask = batch.mask.to(dev)
+        tokens = batch.tokens[lo:hi].to(dev)
+        logp_mu = batch.logp_mu[lo:hi].to(dev)
+        mask = batch.mask[lo:hi].to(dev)
         version = self.version  # V: the weights pi_prox is computed with; lags are V - v_t
-        lag = lag_of(batch.versions, version).to(dev)
-        adv_tok = batch.advantages.to(dev)[:, None].expand_as(logp_mu)
-        mbs = micro_batches(batch.lengths, cfg.micro_batch)
+        lag = lag_of(batch.versions, version).to(dev)  # all rows: the statistics are over the whole batch
+        adv_tok = batch.advantages[lo:hi].to(dev)[:, None].expand_as(logp_mu)
+        mbs: list = micro_batches(batch.lengths[lo:hi], cfg.micro_batch) if hi > lo else []
+        passes = mbs if n_passes is None else mbs + [None] * (n_passes - len(mbs))
 
         lap = Laps(dev)
         # pi_prox: the weights at the start of the step, no grad (decoupled PPO's proximal policy). One
@@ -324,35 +378,53 @@ class Learner:
         # no dropout, the training forward itself gives it (detached), and the extra forward is skipped.
         fused = None
         logp_prox = torch.zeros_like(logp_mu)
-        if len(mbs) == 1 and self.dropout_free:
+        if len(passes) == 1 and self.dropout_free:
             self.model.train()
-            s, e, w = mbs[0]
-            fused = forward_logprobs(self.model, tokens[s:e, :w])
-            logp_prox[s:e, :w] = fused.detach()
+            fused = self._forward(tokens, passes[0])
+            if passes[0] is not None:
+                s, e, w = passes[0]
+                logp_prox[s:e, :w] = fused.detach()
         else:
             self.model.eval()
             with torch.no_grad():
-                for s, e, w in mbs:
-                    logp_prox[s:e, :w] = forward_logprobs(self.model, tokens[s:e, :w])
+                for p in passes:
+                    out_p = self._forward(tokens, p)
+                    if p is not None:
+                        s, e, w = p
+                        logp_prox[s:e, :w] = out_p
         lap("prox")
 
-        stats = summarize(logp_prox.flatten(), logp_mu.flatten(), lag.flatten(), mask.flatten(), ccfg.metric)
-        out = self.controller.observe(stats)
+        stats = out = None
+        if ranks is None:
+            stats = summarize(logp_prox.flatten(), logp_mu.flatten(), lag.flatten(), mask.flatten(), ccfg.metric)
+        else:
+            all_prox = ranks.gather_rows(logp_prox, n_rows)  # rank 0: every row's pi_prox, in row order
+            if main:
+                stats = summarize(all_prox.flatten(), batch.logp_mu.to(dev).flatten(), lag.flatten(),
+                                  batch.mask.to(dev).flatten(), ccfg.metric)
+        if main:
+            out = self.controller.observe(stats)
+        lam, beta = (out.lam, out.beta) if ranks is None else ranks.broadcast_floats(
+            [out.lam, out.beta] if main else None, 2)
         per_token_d = per_token_discrepancy(torch.where(mask, logp_prox, 0.0), torch.where(mask, logp_mu, 0.0),
                                             ccfg.metric)
-        n_tokens_total = int(stats.n_tokens)
+        n_tokens_total = int(batch.mask.sum())  # generated tokens of the whole batch (all ranks' rows)
         seq_index = torch.arange(tokens.shape[0], device=dev)[:, None].expand_as(tokens)
         lap("controller")
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
-        for s, e, w in mbs:
-            logp_new = fused if fused is not None else forward_logprobs(self.model, tokens[s:e, :w])
+        for p in passes:
+            logp_new = fused if fused is not None else self._forward(tokens, p)
+            if p is None:
+                (logp_new.sum() * 0.0).backward()  # an empty pass: no gradient, but the same FSDP collectives
+                continue
+            s, e, w = p
             sl = (slice(s, e), slice(0, w))
             loss, m = policy_loss(
                 logp_new.flatten(), logp_prox[sl].flatten(), logp_mu[sl].flatten(), adv_tok[sl].flatten(),
-                mask[sl].flatten(), mode=ccfg.mode, lam=out.lam, beta=out.beta,
+                mask[sl].flatten(), mode=ccfg.mode, lam=lam, beta=beta,
                 per_token_d=per_token_d[sl].flatten(), cfg=ccfg, clip_low=cfg.clip_eps_low,
                 clip_high=cfg.clip_eps_high, n_tokens_total=max(n_tokens_total, 1),
                 seq_index=(seq_index[sl] - s).flatten())
@@ -360,11 +432,18 @@ class Learner:
             parts.append(m)
         lap("forward_backward")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # sharded parameters: the norm is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         lap("optimizer")
         self.version += 1
         self.step += 1
         lm = reduce_loss_metrics(parts)
+        if ranks is not None:
+            per_rank = ranks.gather_floats([lm[k] for k in LOSS_METRICS])
+            if not main:
+                return None
+            lm = reduce_loss_metrics([dict(zip(LOSS_METRICS, v)) for v in per_rank])
         step_s = time.perf_counter() - t0
 
         # Newest/oldest sampling version in the batch: shows which published weights the actors served.
@@ -403,10 +482,17 @@ class Learner:
     # -- durability
 
     def checkpoint(self) -> Path:
-        """Checkpoint, then ack what it contains (never the other way round: see ``learner.checkpoint``)."""
+        """Checkpoint, then ack what it contains (never the other way round: see ``learner.checkpoint``).
+        Sharded: the other ranks help gather the full weights and optimizer state on rank 0 first."""
+        model, optimizer = self.model, self.optimizer
+        if self.ranks is not None:
+            from learner.distributed import Command, gather_state
+
+            self.ranks.send(Command.CHECKPOINT)
+            model, optimizer = gather_state(self.model, self.optimizer), None
         self.trained_total += len(self.unacked)
         path = ckpt_io.save_checkpoint(
-            self.run_dir, self.step, model=self.model, optimizer=self.optimizer, keep=self.cfg.learner.keep_checkpoints,
+            self.run_dir, self.step, model=model, optimizer=optimizer, keep=self.cfg.learner.keep_checkpoints,
             state={"version": self.version, "controller": self.controller.state_dict(),
                    "metrics_offset": self.metrics.offset(), "trained_ids": list(self.unacked),
                    "trained_total": self.trained_total, "consumer": self.cfg.learner.consumer,
@@ -463,12 +549,18 @@ class Learner:
         if self.last_checkpoint_step != self.step:
             self.checkpoint()
         self.write_control(self.last_out, stop=True)
+        if self.ranks is not None:
+            self.ranks.finish()
 
     def close(self) -> None:
-        self.metrics.close()
-        self.publisher.close()
-        self.reader.close()
-        self.control.close()
+        try:
+            self.metrics.close()
+            self.publisher.close()
+            self.reader.close()
+            self.control.close()
+        finally:
+            if self.ranks is not None:
+                self.ranks.close()  # after an error: ends the other ranks, which may wait in a collective
 
 
 # ---------------------------------------------------------------- wiring
@@ -489,6 +581,38 @@ def load_policy(model_dir: Path, dtype: str, device: "torch.device"):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     return model.to(device)
+
+
+def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckpt, ranks=None):
+    """The policy and its AdamW, restored from ``ckpt`` (a ``learner.checkpoint.Checkpoint``) when given.
+
+    Sharded (``ranks``): every rank loads the full model and the checkpoint's weights, shards the model
+    (``learner.distributed.shard_model``), then shards the checkpoint's full optimizer state into its AdamW;
+    the checkpoint may come from any world size."""
+    import torch
+
+    lcfg = cfg.learner
+    torch.manual_seed(cfg.run.seed)
+    # CPU offload: the full model never visits the GPU; fully_shard leaves each shard in (pinned) host memory
+    model = load_policy(model_dir, lcfg.dtype, torch.device("cpu") if lcfg.cpu_offload else device)
+    if lcfg.activation_checkpointing:
+        # Non-reentrant: composes with FSDP2's hooks; active in train mode only (the no-grad pi_prox pass is
+        # in eval mode and keeps nothing anyway).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ranks is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+        if ckpt is not None:
+            ckpt.restore(model, optimizer)
+        return model, optimizer
+    from learner.distributed import load_optimizer_state, shard_model
+
+    if ckpt is not None:
+        ckpt.restore(model)  # weights and RNG states, into the full model
+    shard_model(model, lcfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+    if ckpt is not None:
+        load_optimizer_state(model, optimizer, ckpt.optimizer_state())
+    return model, optimizer
 
 
 def clear_run_outputs(run_dir: Path) -> None:
@@ -514,9 +638,6 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
     """
     import torch
 
-    from buffer import ControlPlane, GroupReader
-    from learner.controller import DCMDPController
-    from learner.publisher import WeightPublisher
     from tiny.build import ensure_model
 
     lcfg = cfg.learner
@@ -531,9 +652,28 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
 
     model_dir = ensure_model(cfg, log=log.info)
     device = pick_device(lcfg.device)
-    torch.manual_seed(cfg.run.seed)
-    model = load_policy(model_dir, lcfg.dtype, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+    ranks = None
+    if lcfg.world_size > 1:
+        from learner import distributed
+
+        ranks = distributed.start(cfg, model_dir, None if ckpt is None else ckpt.path)
+        device = ranks.device
+    try:
+        return _wire(cfg, run_dir, ckpt, model_dir, device, ranks)
+    except BaseException:
+        if ranks is not None:
+            ranks.close()
+        raise
+
+
+def _wire(cfg: "DcrlConfig", run_dir: Path, ckpt, model_dir: Path, device: "torch.device", ranks) -> Learner:
+    """``setup`` from the model on; ``ranks`` (rank 0 of a sharded learner) have already joined."""
+    from buffer import ControlPlane, GroupReader
+    from learner.controller import DCMDPController
+    from learner.publisher import WeightPublisher
+
+    lcfg = cfg.learner
+    model, optimizer = build_policy(cfg, model_dir, device, ckpt, ranks)
     controller = DCMDPController(cfg.controller)
 
     control = ControlPlane(cfg.redis)
@@ -546,7 +686,6 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
             control.reset()
         truncate_metrics(run_dir / METRICS_FILE, 0)
     else:
-        ckpt.restore(model, optimizer)
         controller.load_state_dict(ckpt.state["controller"])
         step = ckpt.step
         trained_total = int(ckpt.state.get("trained_total", 0))
@@ -567,7 +706,7 @@ def setup(cfg: "DcrlConfig", fresh: bool = False) -> Learner:
                             total_steps=lcfg.steps, start_step=step)
     learner = Learner(cfg, model=model, optimizer=optimizer, controller=controller, reader=reader, control=control,
                       publisher=publisher, metrics=metrics, run_dir=run_dir, device=device, step=step,
-                      version=version, trained_total=trained_total)
+                      version=version, trained_total=trained_total, ranks=ranks)
     learner.publish()
     learner.write_control(learner.last_out)
     return learner
