@@ -18,11 +18,21 @@ class ServeError(DcrlError, RuntimeError):
     """redis-server cannot be started here (not installed, port taken); the message names the fix."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A currently free TCP port on 127.0.0.1, never one this process was given before: the kernel may hand
+    the same ephemeral port to two calls in a row when nothing bound it in between (a test asking for
+    ``zmq_pub`` and ``zmq_transfer`` once got 43273 twice, and its learner could not bind the second)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("free_port: no new free port on 127.0.0.1 after 100 tries")
 
 
 def check_port_free(port: int) -> None:
