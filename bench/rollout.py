@@ -9,7 +9,11 @@ Each repeat runs two phases on the same vLLM engine (same model, sampling settin
    (each turn's context, the same number of tokens with ``ignore_eos``, the turns of one episode in
    order, ``actor.concurrency`` requests in flight); no env, no tokenizer, no Redis.
 
-The prefix cache is reset before each phase, so the replay gains nothing from the actor's cache.
+The prefix cache is reset before each phase, so the replay gains nothing from the actor's cache. The replay
+sends one request per turn, the plain way to drive vLLM; with ``actor.coalesce_turns`` (default on) the actor
+sends a group's first turns as one request with n = G samples, so a ratio above 1 means that request shaping
+gains more than the environment, tokenizer and Redis work cost (``--set actor.coalesce_turns=false`` compares
+like with like).
 efficiency = actor tokens/s / standalone tokens/s (target >= 0.9); the median over repeats is reported,
 with the episode statistics (turns, tokens, finish reasons, reward) of the env.
 
