@@ -110,9 +110,10 @@ class TinyModelConfig(_Strict):
     """Warm-start steps between two held-out accuracy checks (one check costs about 3 training steps)."""
     warmstart_eval_episodes: int = Field(200, ge=10)
     """Held-out arithmetic problems (seeds disjoint from training) in each accuracy check."""
-    warmstart_task: Literal["arithmetic", "chain_sum"] = "arithmetic"
-    """The single-turn task the warm start teaches and grades (``tiny.data.TEACHERS``), with the run's
-    ``env.kwargs`` when ``env.name`` is that task."""
+    warmstart_task: Literal["arithmetic", "chain_sum", "key_door"] = "arithmetic"
+    """The task the warm start teaches and grades (``tiny.data.TEACHERS``), with the run's ``env.kwargs`` when
+    ``env.name`` is that task: single-turn ``arithmetic``/``chain_sum``, or the long multi-turn ``key_door``
+    (graded over up to ``actor.max_turns`` turns)."""
     warmstart_guess_fraction: float = Field(0.25, ge=0, le=4)
     """Binary-search guess_number dialogues per warm-start step, as a fraction of warmstart_batch."""
     warmstart_threads: int = Field(1, ge=1)

@@ -202,6 +202,10 @@ class GuessNumber:
 
 BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": GuessNumber, "chain_sum": ChainSum}
 
+from envs.agent import KeyDoor  # noqa: E402 (envs.agent imports EnvError and StepResult from here)
+
+BUILTIN_ENVS["key_door"] = KeyDoor  # long horizon: >= 20 model turns per episode
+
 
 def resolve_env_class(name: str) -> type:
     """A built-in name or ``package.module:Class`` -> the class. Raises EnvError naming the path."""

@@ -80,9 +80,10 @@ class WarmStartError(RuntimeError):
 
 
 def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, task_kwargs: dict | None = None,
-               max_tokens: int = 8) -> dict:
+               max_tokens: int = 8, max_turns: int = 12, max_seq_len: int | None = None) -> dict:
     """Supervised warm start (AdamW, teacher forcing) until held-out greedy accuracy on ``tiny.warmstart_task``
-    (with ``task_kwargs``, answers of up to ``max_tokens`` tokens) lands in the window
+    (with ``task_kwargs``, turns of up to ``max_tokens`` tokens, up to ``max_turns`` turns in a context of up to
+    ``max_seq_len`` tokens) lands in the window
     [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
 
     Each step: ``warmstart_batch`` solved episodes of the task (``tiny.data.TEACHERS``) plus ``warmstart_guess_fraction`` as many
@@ -110,7 +111,8 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
     teacher = TEACHERS[task]
 
     def accuracy() -> float:
-        return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs=kwargs, max_tokens_per_turn=max_tokens)
+        return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs=kwargs, max_turns=max_turns,
+                                 max_tokens_per_turn=max_tokens, max_seq_len=max_seq_len)
 
     acc = accuracy()
     step, every = 0, tiny.warmstart_eval_every
@@ -169,6 +171,8 @@ def config_digest(cfg: "DcrlConfig") -> str:
     else:
         payload = {"tiny": tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT,
                    "task": [warmstart_task_kwargs(cfg), cfg.actor.max_tokens_per_turn]}
+        if tiny.warmstart_task in MULTI_TURN_TASKS:  # graded over the run's turn limit (single-turn digests unchanged)
+            payload["task"] += [cfg.actor.max_turns, cfg.model.max_seq_len]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -207,6 +211,18 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+# Warm-start tasks of many model turns: graded within the run's ``actor.max_turns`` and ``model.max_seq_len``, as
+# the actor plays them (single-turn tasks keep evaluate's defaults: 12 turns, no context limit).
+MULTI_TURN_TASKS = frozenset({"key_door"})
+
+
+def eval_limits(cfg: "DcrlConfig") -> dict:
+    """``max_turns`` and ``max_seq_len`` of the warm start's held-out episodes (kwargs of ``warm_start``)."""
+    if cfg.model.tiny.warmstart_task in MULTI_TURN_TASKS:
+        return {"max_turns": cfg.actor.max_turns, "max_seq_len": cfg.model.max_seq_len}
+    return {}
+
+
 def warmstart_task_kwargs(cfg: "DcrlConfig") -> dict:
     """The task's kwargs: the run's ``env.kwargs`` when the run trains that task, else its defaults."""
     return dict(cfg.env.kwargs) if cfg.env.name == cfg.model.tiny.warmstart_task else {}
@@ -225,7 +241,7 @@ def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[tiny] building {n_params / 1e6:.2f}M-parameter Qwen3 (vocab {mcfg.vocab_size}) into {out_dir}")
     result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log, task_kwargs=warmstart_task_kwargs(cfg),
-                        max_tokens=cfg.actor.max_tokens_per_turn)
+                        max_tokens=cfg.actor.max_tokens_per_turn, **eval_limits(cfg))
     log(f"[tiny] warm start done: {result['steps']} steps, held-out {tiny.warmstart_task} accuracy "
         f"{result['accuracy']:.3f} in {result['seconds']}s")
     out_dir.mkdir(parents=True, exist_ok=True)

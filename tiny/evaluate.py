@@ -99,17 +99,18 @@ class GreedyEngine:
 
 
 def run_greedy_episodes(model, tokenizer, env_name: str, seeds: list[int], env_kwargs: dict | None = None,
-                        max_turns: int = 12, max_tokens_per_turn: int = 8) -> list[dict]:
+                        max_turns: int = 12, max_tokens_per_turn: int = 8, max_seq_len: int | None = None) -> list[dict]:
     """Play one greedy episode per seed with the transformers model; returns [{reward, turns, text}].
 
-    An episode ends when the env says done, or after ``max_turns`` model turns (reward 0); ``text`` is
+    An episode ends when the env says done, or after ``max_turns`` model turns (reward 0), or, with
+    ``max_seq_len``, when its context reaches that many tokens (reward 0, as in the actor); ``text`` is
     the whole episode decoded with its special tokens.
     """
     new_env = env_factory(env_name, env_kwargs)  # a bad name or kwargs fails here, with its reason
     codec = TextCodec(tokenizer)
     engine = GreedyEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     limits = EpisodeLimits(max_tokens_per_turn=max_tokens_per_turn, max_tokens_per_episode=_NO_LIMIT,
-                           max_turns=max_turns, max_seq_len=_NO_LIMIT)
+                           max_turns=max_turns, max_seq_len=max_seq_len or _NO_LIMIT)
 
     async def play() -> list:
         return await asyncio.gather(*(run_episode(engine, new_env(), s, codec, limits, f"eval-{i}")
@@ -132,7 +133,7 @@ def run_to_completion(coro_fn):
 
 
 def evaluate_accuracy(model, tokenizer, env_name: str, seeds: list[int], env_kwargs: dict | None = None,
-                      max_turns: int = 12, max_tokens_per_turn: int = 8) -> float:
+                      max_turns: int = 12, max_tokens_per_turn: int = 8, max_seq_len: int | None = None) -> float:
     """Fraction of greedy episodes (one per seed) that earn a positive reward.
 
     For ``arithmetic`` this is exact-answer accuracy; for ``guess_number`` the success rate.
@@ -143,7 +144,8 @@ def evaluate_accuracy(model, tokenizer, env_name: str, seeds: list[int], env_kwa
     was_training = model.training
     model.eval()
     try:
-        res = run_greedy_episodes(model, tokenizer, env_name, seeds, env_kwargs, max_turns, max_tokens_per_turn)
+        res = run_greedy_episodes(model, tokenizer, env_name, seeds, env_kwargs, max_turns, max_tokens_per_turn,
+                                  max_seq_len)
     finally:
         model.train(was_training)
     return sum(r["reward"] > 0 for r in res) / len(res)
