@@ -137,3 +137,53 @@ def test_episode_length_stats_quantiles_and_version_span():
     # Observation tokens (version -1) never count toward the span.
     assert version_span(np.array([-1, 7, 7, -1]), np.array([0, 1, 1, 0])) == 0
     assert episode_length_stats([]) == {}
+
+
+def test_key_door_warm_start_is_graded_within_the_runs_turn_and_context_limits():
+    from configs import load_config
+    from tiny.build import config_digest, eval_limits
+
+    agent = load_config("tiny_agent", env={})
+    assert agent.model.tiny.warmstart_task == "key_door" and agent.env.name == "key_door"
+    assert eval_limits(agent) == {"max_turns": agent.actor.max_turns, "max_seq_len": agent.model.max_seq_len}
+    assert eval_limits(load_config("tiny", env={})) == {}
+    # A model graded under other limits is another build; the arithmetic build's digest ignores them.
+    assert config_digest(load_config("tiny_agent", ["actor.max_turns=30"], env={})) != config_digest(agent)
+    assert config_digest(load_config("tiny_agent", ["model.max_seq_len=300"], env={})) != config_digest(agent)
+    tiny = load_config("tiny", env={})
+    assert config_digest(load_config("tiny", ["actor.max_turns=30"], env={})) == config_digest(tiny)
+
+
+def test_tiny_agent_preset_is_long_horizon():
+    from configs import load_config
+
+    cfg = load_config("tiny_agent", env={})
+    env = make_env(cfg.env.name, cfg.env.kwargs)
+    prompt = env.reset(0)
+    assert cfg.env.kwargs["min_turns"] >= 20 and cfg.actor.max_turns > cfg.env.kwargs["min_turns"]
+    # The episode budget reaches the model's context: a wandering episode ends at max_seq_len.
+    assert len(prompt) + cfg.actor.max_tokens_per_episode >= cfg.model.max_seq_len
+    assert cfg.model.tiny.max_position_embeddings >= cfg.model.max_seq_len
+    assert cfg.model.path != load_config("tiny", env={}).model.path  # its own cache
+    # Every command and its EOS fit in one turn.
+    assert cfg.actor.max_tokens_per_turn >= len("take") + 1
+
+
+def test_greedy_evaluation_stops_at_max_seq_len():
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from configs import load_config
+    from tiny.build import build_model_config
+    from tiny.evaluate import run_greedy_episodes
+    from tiny.tokenizer import build_tokenizer, vocab_layout
+
+    tiny = load_config("tiny_agent", env={}).model.tiny
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = Qwen3ForCausalLM(build_model_config(tiny, len(vocab_layout()), tok)).float().eval()
+    capped = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=8, max_tokens_per_turn=6, max_seq_len=80)
+    free = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=8, max_tokens_per_turn=6)
+    for c, f in zip(capped, free):
+        assert len(tok.encode(c["text"], add_special_tokens=False)) <= 80 and c["reward"] == 0.0
+        assert c["turns"] < f["turns"]  # random weights: without the cap it runs on to the turn limit
