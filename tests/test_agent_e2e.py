@@ -68,7 +68,7 @@ def test_long_episodes_are_trained_whole_and_span_several_versions(tmp_path, red
     from protocol.messages import decode_group
     from tiny.build import ensure_model
 
-    steps, prefix = 6, "agent-e2e"
+    steps, prefix = 8, "agent-e2e"
     sets = [
         f"run.root={tmp_path / 'runs'}", "run.name=agent-e2e", f"redis.url={redis_url}", f"redis.prefix={prefix}",
         f"model.path={ROOT / '.cache' / 'tiny-qwen3-agent'}",  # the preset's warm-started model (make run's)
@@ -78,6 +78,9 @@ def test_long_episodes_are_trained_whole_and_span_several_versions(tmp_path, red
         "learner.checkpoint_every=3", "learner.wait_timeout_s=300", "learner.log_group_ids=true",
         "actor.group_size=4", "actor.concurrency=16", "actor.report_interval_s=0.2", "actor.status_interval_s=5",
         "actor.reload_budget=1.0",  # load every published version at once: episodes then straddle versions
+        # K = 2 from the first step (dcmdp holds K = 0 while it measures the engine floor): the actor keeps
+        # groups running while the learner trains and publishes.
+        "controller.mode=fixed", "controller.k_max=2",
         f"actor.weights_cache_dir={tmp_path / 'actor_weights'}",
     ]
     cfg = load_config("tiny_agent", sets, env={})

@@ -145,11 +145,13 @@ def test_key_door_warm_start_is_graded_within_the_runs_turn_and_context_limits()
 
     agent = load_config("tiny_agent", env={})
     assert agent.model.tiny.warmstart_task == "key_door" and agent.env.name == "key_door"
-    assert eval_limits(agent) == {"max_turns": agent.actor.max_turns, "max_seq_len": agent.model.max_seq_len}
+    assert eval_limits(agent) == {"max_turns": agent.actor.max_turns, "max_seq_len": agent.model.max_seq_len,
+                                  "temperature": agent.actor.temperature}
     assert eval_limits(load_config("tiny", env={})) == {}
     # A model graded under other limits is another build; the arithmetic build's digest ignores them.
     assert config_digest(load_config("tiny_agent", ["actor.max_turns=30"], env={})) != config_digest(agent)
     assert config_digest(load_config("tiny_agent", ["model.max_seq_len=300"], env={})) != config_digest(agent)
+    assert config_digest(load_config("tiny_agent", ["actor.temperature=0.7"], env={})) != config_digest(agent)
     tiny = load_config("tiny", env={})
     assert config_digest(load_config("tiny", ["actor.max_turns=30"], env={})) == config_digest(tiny)
 
@@ -187,3 +189,9 @@ def test_greedy_evaluation_stops_at_max_seq_len():
     for c, f in zip(capped, free):
         assert len(tok.encode(c["text"], add_special_tokens=False)) <= 80 and c["reward"] == 0.0
         assert c["turns"] < f["turns"]  # random weights: without the cap it runs on to the turn limit
+    # Sampled evaluation (as the actor plays): seeded, so repeatable, and not the greedy episode.
+    sampled = [run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=3, max_tokens_per_turn=6,
+                                   temperature=1.0) for _ in range(2)]
+    greedy = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=3, max_tokens_per_turn=6)
+    assert [r["text"] for r in sampled[0]] == [r["text"] for r in sampled[1]]
+    assert [r["text"] for r in sampled[0]] != [r["text"] for r in greedy]

@@ -80,10 +80,11 @@ class WarmStartError(RuntimeError):
 
 
 def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, task_kwargs: dict | None = None,
-               max_tokens: int = 8, max_turns: int = 12, max_seq_len: int | None = None) -> dict:
+               max_tokens: int = 8, max_turns: int = 12, max_seq_len: int | None = None,
+               temperature: float = 0.0) -> dict:
     """Supervised warm start (AdamW, teacher forcing) until held-out greedy accuracy on ``tiny.warmstart_task``
     (with ``task_kwargs``, turns of up to ``max_tokens`` tokens, up to ``max_turns`` turns in a context of up to
-    ``max_seq_len`` tokens) lands in the window
+    ``max_seq_len`` tokens; sampled at ``temperature`` when > 0) lands in the window
     [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
 
     Each step: ``warmstart_batch`` solved episodes of the task (``tiny.data.TEACHERS``) plus ``warmstart_guess_fraction`` as many
@@ -112,7 +113,7 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
 
     def accuracy() -> float:
         return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs=kwargs, max_turns=max_turns,
-                                 max_tokens_per_turn=max_tokens, max_seq_len=max_seq_len)
+                                 max_tokens_per_turn=max_tokens, max_seq_len=max_seq_len, temperature=temperature)
 
     acc = accuracy()
     step, every = 0, tiny.warmstart_eval_every
@@ -172,7 +173,7 @@ def config_digest(cfg: "DcrlConfig") -> str:
         payload = {"tiny": tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT,
                    "task": [warmstart_task_kwargs(cfg), cfg.actor.max_tokens_per_turn]}
         if tiny.warmstart_task in MULTI_TURN_TASKS:  # graded over the run's turn limit (single-turn digests unchanged)
-            payload["task"] += [cfg.actor.max_turns, cfg.model.max_seq_len]
+            payload["task"] += [cfg.actor.max_turns, cfg.model.max_seq_len, cfg.actor.temperature]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -211,15 +212,19 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-# Warm-start tasks of many model turns: graded within the run's ``actor.max_turns`` and ``model.max_seq_len``, as
-# the actor plays them (single-turn tasks keep evaluate's defaults: 12 turns, no context limit).
+# Warm-start tasks of many model turns: graded as the actor plays them, within the run's ``actor.max_turns`` and
+# ``model.max_seq_len`` and sampled at ``actor.temperature``. Greedy success is no guide there: over 20+ turns a
+# model that solves 60% of layouts greedily solved none of 48 sampled at temperature 1 (every turn's small chance
+# of a stray character compounds). Single-turn tasks keep evaluate's defaults: greedy, 12 turns, no context limit.
 MULTI_TURN_TASKS = frozenset({"key_door"})
 
 
 def eval_limits(cfg: "DcrlConfig") -> dict:
-    """``max_turns`` and ``max_seq_len`` of the warm start's held-out episodes (kwargs of ``warm_start``)."""
+    """``max_turns``, ``max_seq_len`` and ``temperature`` of the warm start's held-out episodes (``warm_start``'s
+    kwargs)."""
     if cfg.model.tiny.warmstart_task in MULTI_TURN_TASKS:
-        return {"max_turns": cfg.actor.max_turns, "max_seq_len": cfg.model.max_seq_len}
+        return {"max_turns": cfg.actor.max_turns, "max_seq_len": cfg.model.max_seq_len,
+                "temperature": cfg.actor.temperature}
     return {}
 
 
