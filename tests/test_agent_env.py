@@ -24,7 +24,7 @@ def test_key_door_is_builtin_and_resets_deterministically():
     assert len({make_env("key_door").reset(s) for s in range(50)}) > 40
     env = KeyDoor()
     first = env.reset(7)
-    moves = ["e", "n", "x", "take", "w"]
+    moves = ["e", "n", "w", "take", "s"]
     r1 = [(r.observation, r.reward, r.done) for r in play(env, 7, moves)]
     assert env.reset(7) == first
     r2 = [(r.observation, r.reward, r.done) for r in play(env, 7, moves)]
@@ -43,6 +43,7 @@ def test_key_door_layout_needs_at_least_min_turns():
 @pytest.mark.parametrize("kwargs, named", [
     ({"size": 2}, "size"), ({"size": 11}, "size"), ({"min_turns": 30}, "min_turns"), ({"min_turns": 1}, "min_turns"),
     ({"max_turns": 10}, "max_turns"), ({"decay": -0.1}, "decay"), ({"floor": 0}, "floor"),
+    ({"invalid_ends": "yes"}, "invalid_ends"),
 ])
 def test_key_door_bad_kwargs_name_the_kwarg(kwargs, named):
     with pytest.raises(EnvError, match=f"key_door: {named}"):
@@ -72,7 +73,7 @@ def test_key_door_teacher_solves_every_seed_in_at_least_20_turns():
 
 
 def test_key_door_rewards_wasted_turns_less_and_failure_nothing():
-    env = KeyDoor()
+    env = KeyDoor(invalid_ends=False)
     env.reset(3)
     sol = env.solution()
     # Two wasted turns (a bad command and a blocked take) cost 2 * decay.
@@ -88,6 +89,18 @@ def test_key_door_rewards_wasted_turns_less_and_failure_nothing():
     env = KeyDoor(max_turns=20)
     results = play(env, 3, ["take"] * 20)
     assert results[-1].done and results[-1].reward == 0.0 and not any(r.done for r in results[:-1])
+
+
+def test_key_door_invalid_command_ends_the_episode_by_default():
+    env = KeyDoor()
+    env.reset(3)
+    first = env.solution()[0]
+    results = play(env, 3, [first, "tak"])
+    assert not results[0].done
+    assert results[1].done and results[1].reward == 0.0
+    # Valid commands that do nothing (a blocked take) do not end it.
+    results = play(env, 3, ["take", "open", first])
+    assert not any(r.done for r in results)
 
 
 def test_key_door_walls_keep_the_agent_on_the_grid():
@@ -181,17 +194,18 @@ def test_greedy_evaluation_stops_at_max_seq_len():
     from tiny.tokenizer import build_tokenizer, vocab_layout
 
     tiny = load_config("tiny_agent", env={}).model.tiny
+    LAX = {"invalid_ends": False}  # random weights: junk turns must not end the episodes at once
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = Qwen3ForCausalLM(build_model_config(tiny, len(vocab_layout()), tok)).float().eval()
-    capped = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=8, max_tokens_per_turn=6, max_seq_len=80)
-    free = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=8, max_tokens_per_turn=6)
+    capped = run_greedy_episodes(model, tok, "key_door", [1, 2], LAX, max_turns=8, max_tokens_per_turn=6, max_seq_len=80)
+    free = run_greedy_episodes(model, tok, "key_door", [1, 2], LAX, max_turns=8, max_tokens_per_turn=6)
     for c, f in zip(capped, free):
         assert len(tok.encode(c["text"], add_special_tokens=False)) <= 80 and c["reward"] == 0.0
         assert c["turns"] < f["turns"]  # random weights: without the cap it runs on to the turn limit
     # Sampled evaluation (as the actor plays): seeded, so repeatable, and not the greedy episode.
-    sampled = [run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=3, max_tokens_per_turn=6,
+    sampled = [run_greedy_episodes(model, tok, "key_door", [1, 2], LAX, max_turns=3, max_tokens_per_turn=6,
                                    temperature=1.0) for _ in range(2)]
-    greedy = run_greedy_episodes(model, tok, "key_door", [1, 2], max_turns=3, max_tokens_per_turn=6)
+    greedy = run_greedy_episodes(model, tok, "key_door", [1, 2], LAX, max_turns=3, max_tokens_per_turn=6)
     assert [r["text"] for r in sampled[0]] == [r["text"] for r in sampled[1]]
     assert [r["text"] for r in sampled[0]] != [r["text"] for r in greedy]
