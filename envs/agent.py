@@ -20,12 +20,14 @@ the context keeps growing with the whole history::
     d0e0n:open           <- done: reward 1.0 if no turn was wasted
 
 Commands: ``n`` (y+1), ``s`` (y-1), ``e`` (x+1), ``w`` (x-1), ``take``, ``open``. A move off the grid answers
-``wall``, ``take`` away from the key ``nokey``, ``open`` away from the door or without the key ``locked``; each
-prefixes the next observation and costs a turn. Anything else ends the episode with reward 0 (``invalid_ends``,
-the default; else it answers ``?`` and costs a turn). Why: with token-level loss aggregation, failed episodes
-that ramble on to the token limit outweigh the successes token for token, and their negative advantage lands
-mostly on the correct moves they also contain; on tiny_agent that drove the reward from 0.57 to 0 in 12 steps.
-Ending at the first invalid turn keeps failures short and puts their blame on the turn that failed.
+``wall`` and costs a turn. With ``invalid_ends`` (the default) anything else that does not apply ends the episode
+with reward 0: a turn that is no command, ``take`` away from the key, ``open`` away from the door or without the
+key. Without it they answer ``?``, ``nokey`` or ``locked`` and cost a turn. Why, measured on tiny_agent: with
+token-level loss aggregation, failed episodes that ramble on to the token limit outweigh the successes token for
+token, and their negative advantage lands mostly on the correct moves they also contain (reward 0.57 -> 0 in 12
+steps); and with only junk turns ending an episode, RL taught the tiny model ``take``/``open`` where it should
+turn (every success rewards both; a misplaced one cost only 0.05), and the reward fell from 0.9 to 0 in 30 steps.
+Ending at the first turn that does not apply keeps failures short and puts their blame on that turn.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class KeyDoor:
     kwargs: ``size`` (grid side, 3-10: coordinates are single digits; default 8), ``min_turns`` (shortest
     solution at least this many turns, default 20; at most 3 * size - 1), ``max_turns`` (default 48),
     ``decay`` (reward lost per wasted turn, default 0.05), ``floor`` (least reward for opening the door, 0.2),
-    ``invalid_ends`` (a turn that is no command ends the episode, reward 0; default true).
+    ``invalid_ends`` (a turn that does not apply ends the episode, reward 0; default true).
     """
 
     def __init__(self, size: int = 8, min_turns: int = 20, max_turns: int = 48, decay: float = 0.05,
@@ -127,21 +129,16 @@ class KeyDoor:
                 self.pos = (x, y)
             else:
                 note = "wall"
-        elif cmd == "take":
-            if not self.has_key and self.pos == self.key:
-                self.has_key = True
-                note = "got"
-            else:
-                note = "nokey"
-        elif cmd == "open":
-            if self.has_key and self.pos == self.door:
-                reward = key_door_reward(self.turns, self.optimal, self.decay, self.floor)
-                return StepResult(observation="open", reward=reward, done=True)
-            note = "locked"
+        elif cmd == "take" and not self.has_key and self.pos == self.key:
+            self.has_key = True
+            note = "got"
+        elif cmd == "open" and self.has_key and self.pos == self.door:
+            reward = key_door_reward(self.turns, self.optimal, self.decay, self.floor)
+            return StepResult(observation="open", reward=reward, done=True)
         elif self.invalid_ends:
             return StepResult(observation="invalid", reward=0.0, done=True)
         else:
-            note = "?"
+            note = {"take": "nokey", "open": "locked"}.get(cmd, "?")
         if self.turns >= self.max_turns:
             return StepResult(observation="out of turns", reward=0.0, done=True)
         return StepResult(observation=self.observation(note), reward=0.0, done=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs import BUILTIN_ENVS, EnvError, make_env
+from envs import BUILTIN_ENVS, EnvError, StepResult, make_env
 from envs.agent import KeyDoor, key_door_layout, key_door_reward, manhattan
 from protocol.messages import Trajectory, TrajectoryGroup
 
@@ -85,8 +85,12 @@ def test_key_door_rewards_wasted_turns_less_and_failure_nothing():
     env.reset(3)
     env.pos = env.door
     assert env.step("open").observation.startswith("locked")
+    env = KeyDoor()
+    env.reset(3)
+    env.pos = env.door
+    assert env.step("open") == StepResult(observation="invalid", reward=0.0, done=True)
     # Never opening the door: done after max_turns with reward 0.
-    env = KeyDoor(max_turns=20)
+    env = KeyDoor(max_turns=20, invalid_ends=False)
     results = play(env, 3, ["take"] * 20)
     assert results[-1].done and results[-1].reward == 0.0 and not any(r.done for r in results[:-1])
 
@@ -98,9 +102,12 @@ def test_key_door_invalid_command_ends_the_episode_by_default():
     results = play(env, 3, [first, "tak"])
     assert not results[0].done
     assert results[1].done and results[1].reward == 0.0
-    # Valid commands that do nothing (a blocked take) do not end it.
-    results = play(env, 3, ["take", "open", first])
-    assert not any(r.done for r in results)
+    # A take away from the key ends it too; a move into a wall does not.
+    assert play(env, 3, ["take"])[0].done
+    env = KeyDoor(size=4, min_turns=4)
+    env.reset(0)
+    results = [env.step("w") for _ in range(5)]
+    assert not any(r.done for r in results) and results[-1].observation.startswith("wall ")
 
 
 def test_key_door_walls_keep_the_agent_on_the_grid():
