@@ -3,7 +3,7 @@
 The agent starts somewhere on a ``size`` x ``size`` grid, must walk to a key, ``take`` it, walk to a door and
 ``open`` it. Start, key and door are drawn from the seed so that the shortest solution takes at least
 ``min_turns`` model turns (default 20), which makes this the task of long episodes and long contexts: about
-8 tokens per turn, so a solved episode is 200-270 tokens and a wandering one runs into the token budget.
+8 tokens per turn, so a solved episode is 200-260 tokens and a wandering one runs into the token budget.
 
 Every observation is self-contained: a compass to the current target (``k`` key or ``d`` door, then the steps
 east or west and north or south still to go), so one turn's decision needs only the last observation, while

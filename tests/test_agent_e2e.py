@@ -122,7 +122,7 @@ def test_long_episodes_are_trained_whole_and_span_several_versions(tmp_path, red
     # Long horizon: most episodes run 20+ model turns, and the longest contexts reach the model's limit.
     turns = sorted(t for t, _ in trained)
     assert turns[len(turns) // 2] >= 20, turns
-    assert max(n for _, n in trained) >= 0.9 * cfg.model.max_seq_len
+    assert max(n for _, n in trained) >= 0.85 * cfg.model.max_seq_len
     assert len(set(trained)) > 5  # a spread of lengths, not one fixed episode shape
     # Several policy versions within one episode: the learner saw it in the tokens it trained.
     assert max(r["episode/version_span_max"] for r in rows) >= 1, [r["episode/version_span_max"] for r in rows]
