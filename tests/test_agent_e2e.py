@@ -68,19 +68,20 @@ def test_long_episodes_are_trained_whole_and_span_several_versions(tmp_path, red
     from protocol.messages import decode_group
     from tiny.build import ensure_model
 
-    steps, prefix = 8, "agent-e2e"
+    steps, batch_groups, group_size, prefix = 16, 1, 2, "agent-e2e"
     sets = [
         f"run.root={tmp_path / 'runs'}", "run.name=agent-e2e", f"redis.url={redis_url}", f"redis.prefix={prefix}",
         f"model.path={ROOT / '.cache' / 'tiny-qwen3-agent'}",  # the preset's warm-started model (make run's)
         f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
         f"learner.zmq_transfer=tcp://127.0.0.1:{free_port()}",
-        "learner.wandb_mode=disabled", "learner.progress=false", f"learner.steps={steps}", "learner.batch_groups=2",
+        "learner.wandb_mode=disabled", "learner.progress=false", f"learner.steps={steps}", f"learner.batch_groups={batch_groups}",
         "learner.checkpoint_every=3", "learner.wait_timeout_s=300", "learner.log_group_ids=true",
-        "actor.group_size=4", "actor.concurrency=16", "actor.report_interval_s=0.2", "actor.status_interval_s=5",
+        f"actor.group_size={group_size}", "actor.concurrency=16", "actor.report_interval_s=0.2", "actor.status_interval_s=5",
         "actor.reload_budget=1.0",  # load every published version at once: episodes then straddle versions
-        # K = 2 from the first step (dcmdp holds K = 0 while it measures the engine floor): the actor keeps
-        # groups running while the learner trains and publishes.
-        "controller.mode=fixed", "controller.k_max=2",
+        # K = 4 from the first step (dcmdp holds K = 0 while it measures the engine floor), small groups, one
+        # per step: groups that start together end at different times (failures end early), and the learner
+        # trains and publishes on each one that ends while the others are still playing.
+        "controller.mode=fixed", "controller.k_max=4",
         f"actor.weights_cache_dir={tmp_path / 'actor_weights'}",
     ]
     cfg = load_config("tiny_agent", sets, env={})
@@ -91,7 +92,7 @@ def test_long_episodes_are_trained_whole_and_span_several_versions(tmp_path, red
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), tails["learner"]
     trained = [tuple(e) for r in rows for e in r["episodes"]]
     trained_groups = [g for r in rows for g in r["groups"]]
-    assert len(trained) == steps * 2 * 4
+    assert len(trained) == steps * batch_groups * group_size
     # The learner's per-step quantiles describe exactly the episodes it logged for that step.
     for r in rows:
         assert r["episode/turns_max"] == max(t for t, _ in r["episodes"])
