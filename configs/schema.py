@@ -258,7 +258,9 @@ class LearnerConfig(_Strict):
     log_group_ids: bool = False
     """Audit trail: each ``metrics.jsonl`` row also lists the ids of the groups its step trained (``groups``);
     a resumed run truncates the rows of redone steps, so the file names every group the model learned from
-    exactly as often as it did (``bench/faults.py`` counts lost and twice-trained groups with it)."""
+    exactly as often as it did (``bench/faults.py`` counts lost and twice-trained groups with it). Also
+    ``episodes``: [turns, tokens] of every episode trained, checked against the actors' own counts
+    (``ActorReport.episode_turns``/``episode_tokens``) by ``tests/test_agent_e2e.py``."""
 
 
 class ControllerConfig(_Strict):
