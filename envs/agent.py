@@ -14,7 +14,7 @@ the context keeps growing with the whole history::
     k3e4s:e
     ...
     k0e1s:s              <- "s" is y-1
-    k0e0s:take
+    k0e0n:take
     got d6w6n:w          <- key taken: the door is 6 west and 6 north
     ...
     d0e0n:open           <- done: reward 1.0 if no turn was wasted
