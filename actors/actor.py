@@ -37,6 +37,7 @@ import math
 import re
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -138,6 +139,8 @@ class ActorStats:
     idle_s: dict = field(default_factory=dict)  # no group admitted although a slot was free, by reason
     env_errors: int = 0  # episodes ended by an environment fault (their groups dropped)
     env_fault_kinds: set = field(default_factory=set)  # (call, kind) of the faults logged so far
+    episode_turns: Counter = field(default_factory=Counter)  # episodes of the groups sent, by model turns
+    episode_tokens: Counter = field(default_factory=Counter)  # the same, by tokens
 
 
 def idle_kind(reason: str) -> str:
@@ -203,6 +206,7 @@ class Actor:
                           asyncio.create_task(self._status_loop(), name="status"),
                           asyncio.create_task(self._report_loop(), name="report")]
             self.stop_reason = await self._produce(background)
+            await self._redis(self.control.report_actor, self.report())  # final counts: groups sent while draining
         except Stopping:
             self.stop_reason = "signal"
         finally:
@@ -374,6 +378,8 @@ class Actor:
         job.handed_off = True  # from here the writer owns the slot, even if this task is cancelled
         await asyncio.shield(self._writer_io.submit(self.writer.send, group, job.slot))
         self.stats.groups_sent += 1
+        self.stats.episode_turns.update(len(t.turn_starts) for t in group.trajectories)
+        self.stats.episode_tokens.update(len(t) for t in group.trajectories)
 
     async def _drop_group(self, job: GroupJob, faults: list[EnvFault]) -> None:
         """A group whose environment failed: count the faults, log each kind once (a broken environment fails
@@ -472,7 +478,8 @@ class Actor:
                            generate_s=e.generate_s, redis_s=self.stats.redis_s,
                            reload_s=sum(s for _, s in self.stats.weight_loads), idle_s=dict(self.stats.idle_s),
                            generated_tokens=self.engine.generated_tokens, groups_sent=self.stats.groups_sent,
-                           env_errors=self.stats.env_errors)
+                           env_errors=self.stats.env_errors, episode_turns=dict(self.stats.episode_turns),
+                           episode_tokens=dict(self.stats.episode_tokens))
 
     async def _report_loop(self) -> None:
         while True:

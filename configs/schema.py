@@ -110,9 +110,10 @@ class TinyModelConfig(_Strict):
     """Warm-start steps between two held-out accuracy checks (one check costs about 3 training steps)."""
     warmstart_eval_episodes: int = Field(200, ge=10)
     """Held-out arithmetic problems (seeds disjoint from training) in each accuracy check."""
-    warmstart_task: Literal["arithmetic", "chain_sum", "dataset"] = "arithmetic"
-    """The single-turn task the warm start teaches and grades (``tiny.data.TEACHERS``), with the run's
-    ``env.kwargs`` when ``env.name`` is that task ("dataset": the rows' reference answers are the teacher)."""
+    warmstart_task: Literal["arithmetic", "chain_sum", "dataset", "key_door"] = "arithmetic"
+    """The task the warm start teaches and grades (``tiny.data.TEACHERS``), with the run's ``env.kwargs`` when
+    ``env.name`` is that task: single-turn ``arithmetic``/``chain_sum``/``dataset`` (the rows' reference answers
+    are the teacher), or the long multi-turn ``key_door`` (graded over up to ``actor.max_turns`` turns)."""
     warmstart_eval_kwargs: dict[str, Any] = {}
     """Env kwargs that override the task's for the held-out accuracy checks (e.g. a dataset's test file)."""
     warmstart_guess_fraction: float = Field(0.25, ge=0, le=4)
@@ -289,7 +290,9 @@ class LearnerConfig(_Strict):
     log_group_ids: bool = False
     """Audit trail: each ``metrics.jsonl`` row also lists the ids of the groups its step trained (``groups``);
     a resumed run truncates the rows of redone steps, so the file names every group the model learned from
-    exactly as often as it did (``bench/faults.py`` counts lost and twice-trained groups with it)."""
+    exactly as often as it did (``bench/faults.py`` counts lost and twice-trained groups with it). Also
+    ``episodes``: [turns, tokens] of every episode trained, checked against the actors' own counts
+    (``ActorReport.episode_turns``/``episode_tokens``) by ``tests/test_agent_e2e.py``."""
 
 
 class ControllerConfig(_Strict):

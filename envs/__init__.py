@@ -202,6 +202,10 @@ class GuessNumber:
 
 BUILTIN_ENVS: dict[str, type] = {"arithmetic": Arithmetic, "guess_number": GuessNumber, "chain_sum": ChainSum}
 
+from envs.agent import KeyDoor  # noqa: E402 (envs.agent imports EnvError and StepResult from here)
+
+BUILTIN_ENVS["key_door"] = KeyDoor  # long horizon: >= 20 model turns per episode
+
 
 # Environments shipped with dcrl in modules of their own, named like built-ins. Unlike BUILTIN_ENVS they run
 # user-supplied parts (a verifier function, a task library), so their calls keep env.step_timeout_s's guard.

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from learner import checkpoint as ckpt_io
+from learner.episode_metrics import episode_length_stats, episode_lengths
 from learner.metrics import (METRICS_FILE, REPORT_FILE, Laps, MetricsLogger, actor_time_fractions, truncate_metrics,
                              write_report)
 from protocol.messages import Control
@@ -472,6 +473,7 @@ class Learner:
             "loss/clip_frac": lm["clip_frac"], "loss/mean_ratio": lm["mean_ratio"],
             "grad_norm": float(grad_norm),
             **episode_stats(groups),
+            **episode_length_stats(groups),
             "batch/groups": batch.n_groups, "batch/trajectories": len(batch.lengths),
             "tokens/generated": n_gen, "tokens/total": int(sum(batch.lengths)),
             "time/step_s": step_s,
@@ -531,6 +533,7 @@ class Learner:
             row["time/elapsed_s"] = time.monotonic() - t_start  # since this process started training
             if cfg.log_group_ids:
                 row["groups"] = [e.group.group_id for e in entries]
+                row["episodes"] = episode_lengths([e.group for e in entries])  # [turns, tokens] per episode
             row["time/checkpoint_s"] = checkpoint_s  # the previous step's checkpoint (it runs after the row is written)
             reports = self.control.actor_reports()
             row.update(actor_time_fractions(self.actor_reports, reports))

@@ -155,6 +155,10 @@ class ActorReport(msgspec.Struct, kw_only=True, frozen=True):
     generated_tokens: int = 0
     groups_sent: int = 0
     env_errors: int = 0  # episodes an environment fault ended (envs.guard.EnvFault); their groups were dropped
+    # Finished episodes of the groups sent, by model turns and by tokens (prompt, turns, observations): what the
+    # learner's trained lengths (learner.log_group_ids) are checked against; nothing is dropped for being long.
+    episode_turns: dict[int, int] = {}
+    episode_tokens: dict[int, int] = {}
 
 
 # Actor -> learner weight file server (ZMQ DEALER -> ROUTER), for actors without the learner's filesystem.

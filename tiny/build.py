@@ -81,9 +81,11 @@ class WarmStartError(RuntimeError):
 
 
 def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, task_kwargs: dict | None = None,
-               max_tokens: int = 8, chat=None) -> dict:
+               max_tokens: int = 8, max_turns: int = 12, max_seq_len: int | None = None,
+               temperature: float = 0.0, chat=None) -> dict:
     """Supervised warm start (AdamW, teacher forcing) until held-out greedy accuracy on ``tiny.warmstart_task``
-    (with ``task_kwargs``, answers of up to ``max_tokens`` tokens) lands in the window
+    (with ``task_kwargs``, turns of up to ``max_tokens`` tokens, up to ``max_turns`` turns in a context of up to
+    ``max_seq_len`` tokens; sampled at ``temperature`` when > 0) lands in the window
     [``tiny.warmstart_min_acc``, ``tiny.warmstart_max_acc``]; returns {steps, accuracy, seconds}.
 
     Each step: ``warmstart_batch`` solved episodes of the task (``tiny.data.TEACHERS``) plus ``warmstart_guess_fraction`` as many
@@ -112,7 +114,8 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
 
     def accuracy() -> float:
         return evaluate_accuracy(model, tokenizer, task, eval_seeds, env_kwargs={**kwargs, **tiny.warmstart_eval_kwargs},
-                                 max_tokens_per_turn=max_tokens, chat=chat)
+                                 max_turns=max_turns, max_tokens_per_turn=max_tokens, max_seq_len=max_seq_len,
+                                 temperature=temperature, chat=chat)
 
     acc = accuracy()
     step, every = 0, tiny.warmstart_eval_every
@@ -166,11 +169,16 @@ def warm_start(model, tokenizer, tiny: "TinyModelConfig", seed: int, log=print, 
 def config_digest(cfg: "DcrlConfig") -> str:
     """sha256 over everything the built model depends on: model.tiny, run.seed, BUILD_FORMAT."""
     tiny = cfg.model.tiny
+    # fields added after builds were cached count only when set, so those caches hold
+    unset = set() if tiny.warmstart_eval_kwargs else {"warmstart_eval_kwargs"}
     if tiny.warmstart_task == "arithmetic":  # the digest of arithmetic builds stays what it was: caches hold
-        payload = {"tiny": tiny.model_dump(exclude={"warmstart_task"}), "seed": cfg.run.seed, "format": BUILD_FORMAT}
+        payload = {"tiny": tiny.model_dump(exclude={"warmstart_task"} | unset), "seed": cfg.run.seed,
+                   "format": BUILD_FORMAT}
     else:
-        payload = {"tiny": tiny.model_dump(), "seed": cfg.run.seed, "format": BUILD_FORMAT,
+        payload = {"tiny": tiny.model_dump(exclude=unset), "seed": cfg.run.seed, "format": BUILD_FORMAT,
                    "task": [warmstart_task_kwargs(cfg), cfg.actor.max_tokens_per_turn]}
+        if tiny.warmstart_task in MULTI_TURN_TASKS:  # graded over the run's turn limit (single-turn digests unchanged)
+            payload["task"] += [cfg.actor.max_turns, cfg.model.max_seq_len, cfg.actor.temperature]
     if cfg.env.chat:  # a chat-formatted warm start is another model (plain builds keep their digest)
         payload["chat"] = [cfg.env.system_prompt, cfg.env.enable_thinking, cfg.env.chat_end_of_turn]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -211,6 +219,22 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+# Warm-start tasks of many model turns: graded as the actor plays them, within the run's ``actor.max_turns`` and
+# ``model.max_seq_len`` and sampled at ``actor.temperature``. Greedy success is no guide there: over 20+ turns a
+# model that solves 60% of layouts greedily solved none of 48 sampled at temperature 1 (every turn's small chance
+# of a stray character compounds). Single-turn tasks keep evaluate's defaults: greedy, 12 turns, no context limit.
+MULTI_TURN_TASKS = frozenset({"key_door"})
+
+
+def eval_limits(cfg: "DcrlConfig") -> dict:
+    """``max_turns``, ``max_seq_len`` and ``temperature`` of the warm start's held-out episodes (``warm_start``'s
+    kwargs)."""
+    if cfg.model.tiny.warmstart_task in MULTI_TURN_TASKS:
+        return {"max_turns": cfg.actor.max_turns, "max_seq_len": cfg.model.max_seq_len,
+                "temperature": cfg.actor.temperature}
+    return {}
+
+
 def warmstart_task_kwargs(cfg: "DcrlConfig") -> dict:
     """The task's kwargs: the run's ``env.kwargs`` when the run trains that task, else its defaults."""
     return dict(cfg.env.kwargs) if cfg.env.name == cfg.model.tiny.warmstart_task else {}
@@ -229,7 +253,8 @@ def _build(cfg: "DcrlConfig", out_dir: Path, log) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[tiny] building {n_params / 1e6:.2f}M-parameter Qwen3 (vocab {mcfg.vocab_size}) into {out_dir}")
     result = warm_start(model, tokenizer, tiny, cfg.run.seed, log=log, task_kwargs=warmstart_task_kwargs(cfg),
-                        max_tokens=cfg.actor.max_tokens_per_turn, chat=chat_format(cfg, tokenizer, "the tiny tokenizer"))
+                        max_tokens=cfg.actor.max_tokens_per_turn, chat=chat_format(cfg, tokenizer, "the tiny tokenizer"),
+                        **eval_limits(cfg))
     log(f"[tiny] warm start done: {result['steps']} steps, held-out {tiny.warmstart_task} accuracy "
         f"{result['accuracy']:.3f} in {result['seconds']}s")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,26 @@ TEACHERS = {"arithmetic": lambda seed, **kw: arithmetic_segments(seed), "chain_s
             "dataset": dataset_segments}
 
 
+def key_door_segments(seed: int, **kwargs) -> list[tuple[str, bool]]:
+    """One key_door episode solved by the shortest walk (x first, then y; ``KeyDoor.solution``), as
+    (text, is_model_turn) pieces: 20+ model turns, each a command closed by EOS."""
+    from envs.agent import KeyDoor
+
+    env = KeyDoor(**kwargs)
+    pieces = [(env.reset(seed), False)]
+    for cmd in env.solution():
+        pieces.append((cmd, True))
+        result = env.step(cmd)
+        if result.done:
+            return pieces
+        pieces.append((result.observation, False))
+    raise AssertionError(f"key_door seed {seed}: the shortest walk did not open the door")
+
+
+# The multi-turn task the warm start can teach and grade (model.tiny.warmstart_task = "key_door").
+TEACHERS["key_door"] = key_door_segments
+
+
 def binary_search_guess(lo: int, hi: int) -> int:
     """The teacher's guess for guess_number given the feasible range [lo, hi]: the midpoint (lo + hi) // 2."""
     return (lo + hi) // 2

@@ -36,8 +36,9 @@ class GreedyTurn:
 
 
 def greedy_turn(model, histories: list[list[int]], eos_id: int, pad_id: int,
-                max_new_tokens: list[int]) -> list[list[int]]:
-    """Greedy continuation of each history until EOS (included) or its ``max_new_tokens``, batched.
+                max_new_tokens: list[int], temperature: float = 0.0, generator=None) -> list[list[int]]:
+    """Greedy continuation of each history until EOS (included) or its ``max_new_tokens``, batched; with
+    ``temperature`` > 0, sampled at that temperature instead (from ``generator``, a seeded torch.Generator).
 
     Left padding with explicit position ids, no KV cache: sequences are short and the model tiny,
     so recomputing the prefix is cheaper than managing a padded cache.
@@ -57,7 +58,11 @@ def greedy_turn(model, histories: list[list[int]], eos_id: int, pad_id: int,
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1]
-        nxt = logits.argmax(-1).tolist()
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+        else:
+            nxt = logits.argmax(-1).tolist()
         still = []
         for row, i in enumerate(active):
             out[i].append(nxt[row])
@@ -69,10 +74,15 @@ def greedy_turn(model, histories: list[list[int]], eos_id: int, pad_id: int,
 
 class GreedyEngine:
     """A transformers model behind ``run_episode``'s engine interface: greedy decoding, and every request
-    made in the same turn of the event loop decoded as one batch."""
+    made in the same turn of the event loop decoded as one batch. With ``temperature`` > 0 it samples instead, from
+    a generator seeded with ``seed`` (the same requests in the same order give the same tokens)."""
 
-    def __init__(self, model, eos_id: int, pad_id: int):
+    def __init__(self, model, eos_id: int, pad_id: int, temperature: float = 0.0, seed: int = 0):
+        import torch
+
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
 
     async def generate(self, context_ids: list[int], max_tokens: int, request_id: str) -> GreedyTurn:
@@ -88,7 +98,7 @@ class GreedyEngine:
         batch, self._pending = self._pending, []
         try:
             outs = greedy_turn(self.model, [c for c, _, _ in batch], self.eos_id, self.pad_id,
-                               [m for _, m, _ in batch])
+                               [m for _, m, _ in batch], self.temperature, self.generator)
         except Exception as e:  # noqa: BLE001 - handed to every waiting episode, which re-raises it
             for _, _, fut in batch:
                 fut.set_exception(e)
@@ -99,17 +109,19 @@ class GreedyEngine:
 
 
 def run_greedy_episodes(model, tokenizer, env_name: str, seeds: list[int], env_kwargs: dict | None = None,
-                        max_turns: int = 12, max_tokens_per_turn: int = 8, chat=None) -> list[dict]:
+                        max_turns: int = 12, max_tokens_per_turn: int = 8, max_seq_len: int | None = None,
+                        temperature: float = 0.0, chat=None) -> list[dict]:
     """Play one greedy episode per seed with the transformers model; returns [{reward, turns, text}].
 
-    An episode ends when the env says done, or after ``max_turns`` model turns (reward 0); ``text`` is
-    the whole episode decoded with its special tokens.
+    An episode ends when the env says done, or after ``max_turns`` model turns (reward 0), or, with
+    ``max_seq_len``, when its context reaches that many tokens (reward 0, as in the actor); ``text`` is
+    the whole episode decoded with its special tokens. ``temperature`` > 0 samples (seeded) instead of greedy.
     """
     new_env = env_factory(env_name, env_kwargs)  # a bad name or kwargs fails here, with its reason
     codec = TextCodec(tokenizer, chat=chat)  # chat: envs.chat.ChatFormat for chat-formatted episodes
-    engine = GreedyEngine(model, codec.stop_id, tokenizer.pad_token_id)
+    engine = GreedyEngine(model, codec.stop_id, tokenizer.pad_token_id, temperature)
     limits = EpisodeLimits(max_tokens_per_turn=max_tokens_per_turn, max_tokens_per_episode=_NO_LIMIT,
-                           max_turns=max_turns, max_seq_len=_NO_LIMIT)
+                           max_turns=max_turns, max_seq_len=max_seq_len or _NO_LIMIT)
 
     async def play() -> list:
         return await asyncio.gather(*(run_episode(engine, new_env(), s, codec, limits, f"eval-{i}")
@@ -132,7 +144,8 @@ def run_to_completion(coro_fn):
 
 
 def evaluate_accuracy(model, tokenizer, env_name: str, seeds: list[int], env_kwargs: dict | None = None,
-                      max_turns: int = 12, max_tokens_per_turn: int = 8, chat=None) -> float:
+                      max_turns: int = 12, max_tokens_per_turn: int = 8, max_seq_len: int | None = None,
+                      temperature: float = 0.0, chat=None) -> float:
     """Fraction of greedy episodes (one per seed) that earn a positive reward.
 
     For ``arithmetic`` this is exact-answer accuracy; for ``guess_number`` the success rate.
@@ -143,7 +156,8 @@ def evaluate_accuracy(model, tokenizer, env_name: str, seeds: list[int], env_kwa
     was_training = model.training
     model.eval()
     try:
-        res = run_greedy_episodes(model, tokenizer, env_name, seeds, env_kwargs, max_turns, max_tokens_per_turn, chat)
+        res = run_greedy_episodes(model, tokenizer, env_name, seeds, env_kwargs, max_turns, max_tokens_per_turn,
+                                  max_seq_len, temperature, chat)
     finally:
         model.train(was_training)
     return sum(r["reward"] > 0 for r in res) / len(res)
