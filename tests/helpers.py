@@ -106,6 +106,18 @@ def sigkill(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
+def stop_processes(procs) -> None:
+    """SIGTERM every process still running, wait up to 30 s for each, SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def child_pids(pid: int) -> list[int]:
     """The pids of ``pid``'s children (Linux /proc): e.g. the worker of a supervised ``python -m actors``."""
     try:

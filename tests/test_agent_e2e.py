@@ -20,6 +20,7 @@ import pytest
 
 from buffer.server import free_port
 from configs.schema import load_config
+from helpers import stop_processes
 from learner.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # starts learner and actor processes
@@ -45,14 +46,7 @@ def run_job(tmp_path: Path, sets: list[str], timeout_s: float) -> dict[str, str]
         rcs = {"learner": procs["learner"].wait(timeout=timeout_s)}
         rcs["actor"] = procs["actor"].wait(timeout=120)  # Control.stop: drain in-flight groups, flush, exit 0
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes(procs.values())
         for f in logs.values():
             f.close()
     tails = {n: (tmp_path / f"{n}.log").read_text()[-4000:] for n in logs}

@@ -17,7 +17,7 @@ import pytest
 
 from buffer.server import free_port
 from configs.schema import load_config
-from helpers import child_pids
+from helpers import child_pids, stop_processes
 from learner.metrics import REQUIRED_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow  # starts learner and actor processes
@@ -63,14 +63,7 @@ def test_learner_with_vllm_actor_trains_and_actor_serves_new_weights(tmp_path, r
         # Control.stop ends the actor by itself (drain in-flight groups, exit 0).
         actor_rc = actor.wait(timeout=120)
     finally:
-        for p in (learner, actor):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes((learner, actor))
         for f in logs.values():
             f.close()
     tail = {n: (tmp_path / f"{n}.log").read_text()[-4000:] for n in logs}
