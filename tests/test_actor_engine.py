@@ -380,20 +380,22 @@ def test_chat_episodes_on_vllm_train_exactly_the_tokens_vllm_produced(engine, lo
     for i, t in enumerate(trajs):
         ids = t.tokens_np.tolist()
         assert tok.decode(ids[:t.prompt_len], skip_special_tokens=False).startswith("<|system|>find it<|user|>guess")
-        replies, ends = [], []
+        replies, written, ends = [], [], []
         for k, start in enumerate(t.turn_starts):
             context, out = rec.turns[f"chat-{i}-t{k}"]
             assert context == ids[:start] and ids[start:start + len(out)] == out
             assert t.mask_np[start:start + len(out)].all()
             if out[-1] != codec.stop_id:
                 break  # a cut turn has no end-of-turn token, which the template would write
-            replies.append(codec.decode(out[:-1]))
+            replies.append(codec.decode(out[:-1]))  # what the environment reads: special tokens dropped
+            written.append(tok.decode(out[:-1], skip_special_tokens=False))  # what the model wrote, verbatim
             ends.append(start + len(out))
-        # The episode up to its last closed turn is the template's rendering of that conversation.
+        # The episode up to its last closed turn is the template's rendering of that conversation, the model's
+        # replies as written (a sampled reserved token stays in the trajectory; the environment never sees it).
         env = GuessNumber()
         observations = [env.reset(300 + i)] + [env.step(r).observation for r in replies[:-1]]
         if replies:
-            rendered = tok.apply_chat_template(codec.chat.messages(observations, replies), tokenize=False)
+            rendered = tok.apply_chat_template(codec.chat.messages(observations, written), tokenize=False)
             assert tok.decode(ids[:ends[-1]], skip_special_tokens=False) == rendered
             checked += 1
             multi += len(replies) >= 2
