@@ -33,7 +33,7 @@ from collections import deque
 import redis
 
 from configs.schema import RedisConfig
-from protocol import TrajectoryGroup, encode
+from protocol import TrajectoryGroup, encode_group
 
 from buffer.admission import DELIVER_LUA
 from buffer.connection import Retrier, connect
@@ -47,7 +47,7 @@ MAX_BATCH_BYTES = 32 << 20
 
 
 # A queued group: its encoded bytes and its admission slot token (None: no slot).
-Item = tuple[bytes, str | None]
+Item = tuple[memoryview, str | None]
 
 
 def take_batch(queue: deque[Item], max_groups: int, max_bytes: int) -> list[Item]:
@@ -92,7 +92,7 @@ class GroupWriter:
     def send(self, group: TrajectoryGroup, slot: str | None = None) -> None:
         """Queue ``group`` for Redis, with the admission ``slot`` it was admitted under (``ControlPlane.admit``;
         the write settles it) or None. Blocks only while ``redis.max_held_groups`` groups are already held."""
-        data = encode(group)
+        data = encode_group(group)
         with self._cond:
             self._raise_if_failed()
             if self._closed:

@@ -14,6 +14,7 @@ from protocol.messages import (
     decode,
     decode_group,
     encode,
+    encode_group,
     validate_group,
     validate_trajectory,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "decode",
     "decode_group",
     "encode",
+    "encode_group",
     "validate_group",
     "validate_trajectory",
 ]

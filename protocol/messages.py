@@ -39,10 +39,12 @@ class Trajectory(msgspec.Struct, kw_only=True, frozen=True):
     it. Prompt and environment tokens have mask 0, logprob 0 and version -1.
     """
 
-    token_ids: bytes  # int32 LE, written by the actor
-    logprobs: bytes  # float32 LE, behaviour logprobs (0 where loss_mask == 0)
-    versions: bytes  # int32 LE, policy version per token (-1 where loss_mask == 0)
-    loss_mask: bytes  # uint8, 1 = model-generated (trained on), 0 = prompt / environment
+    # Typed memoryview so that decoding is zero-copy: a decoded trajectory's arrays are read-only views of the
+    # entry's bytes (msgspec), ~25x cheaper than copying 2k-token arrays out. The actor builds them from bytes.
+    token_ids: memoryview  # int32 LE, written by the actor
+    logprobs: memoryview  # float32 LE, behaviour logprobs (0 where loss_mask == 0)
+    versions: memoryview  # int32 LE, policy version per token (-1 where loss_mask == 0)
+    loss_mask: memoryview  # uint8, 1 = model-generated (trained on), 0 = prompt / environment
     reward: float  # episode return from the environment
     turn_starts: list[int] = []  # token index where each model turn begins
     finish_reason: FinishReason = "stop"  # protocol.vocab.FinishReason
@@ -218,6 +220,18 @@ _decoders = {t: msgspec.msgpack.Decoder(t) for t in _MESSAGE_TYPES}
 def encode(msg: msgspec.Struct) -> bytes:
     """msgpack bytes of any protocol message."""
     return _encoder.encode(msg)
+
+
+def encode_group(group: TrajectoryGroup) -> memoryview:
+    """``encode(group)`` into a buffer sized up front from the arrays it carries (a view of a bytearray).
+
+    A growing output buffer costs several reallocations and copies of every large array; for 8 x 2,048-token
+    trajectories (214 kB) that was ~10x the time of writing the bytes once (bench/buffer.py)."""
+    size = 256 + sum(len(t.token_ids) + len(t.logprobs) + len(t.versions) + len(t.loss_mask)
+                     + 9 * len(t.turn_starts) + 128 for t in group.trajectories)
+    buf = bytearray(size)
+    _encoder.encode_into(group, buf)  # grows the buffer if the estimate was short; truncates it to the message
+    return memoryview(buf)
 
 
 _ENUM_ERROR = re.compile(r"^Invalid enum value (?P<value>.*) - at `\$\.(?P<path>[\w.\[\]]+)`$")
