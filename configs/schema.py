@@ -284,6 +284,13 @@ class LearnerConfig(_Strict):
     """world_size > 1 on GPUs: keep the parameter shards, gradients and AdamW states in host memory (FSDP2
     ``CPUOffloadPolicy``; the optimizer step runs on the CPU); each layer is copied to the GPU for its
     forward and backward."""
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    """How checkpoints hold the weights and the AdamW state. "full": one ``model.safetensors`` and one
+    ``optimizer.pt`` in the layout of a one-rank learner; with world_size > 1 they are gathered on rank 0 first,
+    so rank 0 holds a full copy of both in host memory while it writes. "sharded": every rank writes its own
+    shards with ``torch.distributed.checkpoint`` (DCP), so no rank ever holds more than its shards; with
+    world_size 1 the one process writes them the same way. Either format resumes with any world size (DCP
+    reshards on load); see learner/checkpoint.py."""
     crash_after_step: int | None = Field(None, ge=1)
     """Tests only: SIGKILL the learner right after this step's optimizer step, weight publish and control
     write, before its checkpoint (exercises resume and the exactly-once bookkeeping)."""

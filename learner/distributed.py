@@ -39,11 +39,18 @@ empty ones whose loss is zero.
 Publishing and checkpoints (commands PUBLISH, CHECKPOINT). Every rank takes part in
 ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` (and ``get_optimizer_state_dict`` for a
 checkpoint); only rank 0 holds the result, in host memory. The publisher gets it through
-:class:`FullWeights`; the checkpoint is written in the very layout of an unsharded learner
-(``learner.checkpoint``: parameters numbered in ``model.parameters()`` order, tied tensors once), so a run
-resumes with any world size, 1 included. The cost: rank 0 holds one full copy of the weights and of the AdamW
-moments in host memory while it writes; for models where that does not fit, sharded files
-(``torch.distributed.checkpoint``) are the next step.
+:class:`FullWeights`. Checkpoints (``learner.checkpoint_format``):
+
+- "full": the gathered state is written in the very layout of an unsharded learner (``learner.checkpoint``:
+  parameters numbered in ``model.parameters()`` order, tied tensors once). The cost: rank 0 holds one full
+  copy of the weights and of the AdamW moments in host memory while it writes.
+- "sharded": nothing is gathered. Rank 0 creates the temporary checkpoint directory and broadcasts its path
+  (:meth:`Ranks.broadcast_text`); every rank writes its own shards there with ``torch.distributed.checkpoint``
+  (``learner.checkpoint.save_shards``), a collective that returns once all files and the metadata are
+  written; rank 0 then adds ``state.json`` and renames the directory into place, as with the full format.
+
+Either format resumes with any world size, 1 included: a full checkpoint is loaded into the full model on
+every rank before sharding; a sharded one after sharding, each rank reading what its shards need.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class Command(IntEnum):
 
     TRAIN = 1  # receive a batch, run one optimizer step on the own rows
     PUBLISH = 2  # take part in gathering the full weights (rank 0 publishes them)
-    CHECKPOINT = 3  # take part in gathering the full weights and optimizer state (rank 0 writes them)
+    CHECKPOINT = 3  # full format: help gather weights and optimizer state on rank 0; sharded: write own shards
     STOP = 4  # leave the group and exit 0
 
 
@@ -339,6 +346,19 @@ class Ranks:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` on every rank (the others pass None): its UTF-8 length, then its bytes."""
+        import torch
+        import torch.distributed as dist
+
+        data = text.encode() if self.is_main else b""
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(n, src=0)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_main
+               else torch.zeros(int(n), dtype=torch.uint8)).to(self.device)
+        dist.broadcast(buf, src=0)
+        return bytes(buf.cpu().tolist()).decode()
+
     def gather_floats(self, values: list[float]) -> list[list[float]] | None:
         """Each rank's ``values`` (same length everywhere) on rank 0, in rank order; None elsewhere."""
         import torch
@@ -478,7 +498,7 @@ def start(cfg: "DcrlConfig", model_dir: Path, checkpoint: Path | None) -> Ranks:
 
 def follow(cfg: "DcrlConfig", ranks: Ranks, model_dir: Path, checkpoint: Path | None) -> None:
     """Ranks 1..N-1: build the sharded policy, then run rank 0's commands until STOP."""
-    from learner.checkpoint import load_checkpoint
+    from learner.checkpoint import SHARDS_DIR, load_checkpoint, save_shards
     from learner.controller import DCMDPController
     from learner.trainer import Learner, build_policy
 
@@ -493,6 +513,8 @@ def follow(cfg: "DcrlConfig", ranks: Ranks, model_dir: Path, checkpoint: Path | 
             learner.train_batch(ranks.share_batch(None))
         elif cmd is Command.PUBLISH:
             full_model_state(model)
+        elif cmd is Command.CHECKPOINT and cfg.learner.checkpoint_format == "sharded":
+            save_shards(Path(ranks.broadcast_text(None)) / SHARDS_DIR, model, optimizer, distributed=True)
         elif cmd is Command.CHECKPOINT:
             gather_state(model, optimizer)
         elif cmd is Command.STOP:

@@ -485,12 +485,18 @@ class Learner:
 
     def checkpoint(self) -> Path:
         """Checkpoint, then ack what it contains (never the other way round: see ``learner.checkpoint``).
-        Sharded: the other ranks help gather the full weights and optimizer state on rank 0 first."""
+        Several ranks: the other ranks help gather the full weights and optimizer state on rank 0 first
+        (``learner.checkpoint_format = "full"``), or write their own shards beside rank 0's ("sharded")."""
         model, optimizer = self.model, self.optimizer
-        if self.ranks is not None:
+        ranks = self.ranks
+        if ranks is not None:
             from learner.distributed import Command, gather_state
 
-            self.ranks.send(Command.CHECKPOINT)
+            ranks.send(Command.CHECKPOINT)
+        if self.cfg.learner.checkpoint_format == "sharded":
+            share = None if ranks is None else (lambda tmp: ranks.broadcast_text(str(tmp)))
+            model, optimizer = ckpt_io.ShardedState(self.model, self.optimizer, share_dir=share), None
+        elif ranks is not None:
             model, optimizer = gather_state(self.model, self.optimizer), None
         self.trained_total += len(self.unacked)
         path = ckpt_io.save_checkpoint(
@@ -589,9 +595,10 @@ def load_policy(model_dir: Path, dtype: str, device: "torch.device"):
 def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckpt, ranks=None):
     """The policy and its AdamW, restored from ``ckpt`` (a ``learner.checkpoint.Checkpoint``) when given.
 
-    Sharded (``ranks``): every rank loads the full model and the checkpoint's weights, shards the model
-    (``learner.distributed.shard_model``), then shards the checkpoint's full optimizer state into its AdamW;
-    the checkpoint may come from any world size."""
+    Sharded (``ranks``): every rank loads the full model, and a full checkpoint's weights into it, shards the
+    model (``learner.distributed.shard_model``), then shards the checkpoint's full optimizer state into its
+    AdamW; a sharded-format checkpoint is read after sharding instead, each rank reading its own shards (DCP).
+    The checkpoint may come from any world size."""
     import torch
 
     lcfg = cfg.learner
@@ -609,12 +616,15 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
         return model, optimizer
     from learner.distributed import load_optimizer_state, shard_model
 
-    if ckpt is not None:
+    full = ckpt is not None and ckpt.format == "full"
+    if full:
         ckpt.restore(model)  # weights and RNG states, into the full model
     shard_model(model, lcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
-    if ckpt is not None:
+    if full:
         load_optimizer_state(model, optimizer, ckpt.optimizer_state())
+    elif ckpt is not None:
+        ckpt.restore(model, optimizer, distributed=True)  # a collective: every rank reads its own shards
     return model, optimizer
 
 

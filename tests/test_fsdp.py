@@ -278,3 +278,182 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
         assert f["max_weight_diff"] <= 0.05 * lr and f["max_adam_v_diff"] <= 1e-9, f
     bf16 = figures[3]
     assert bf16["loss_diff"] <= 0.05 * abs(bf16["loss"]) + 1e-3 and bf16["grad_norm_rel_diff"] <= 0.1, bf16
+
+
+# ---------------------------------------------------------------- sharded checkpoints (learner.checkpoint_format)
+
+
+def test_checkpoint_format_must_be_full_or_sharded_and_names_the_field():
+    assert load_config("tiny", env={}).learner.checkpoint_format == "full"
+    assert load_config("tiny", ["learner.checkpoint_format=sharded"], env={}).learner.checkpoint_format == "sharded"
+    with pytest.raises(ConfigError, match=r"learner\.checkpoint_format"):
+        load_config("tiny", ["learner.checkpoint_format=dcp"], env={})
+
+
+def restored(cfg, model_dir, ckpt_dir):
+    """An unsharded model and AdamW restored in this process from checkpoint ``ckpt_dir`` (either format)."""
+    from learner.checkpoint import load_checkpoint
+    from learner.trainer import build_policy, pick_device
+
+    return build_policy(cfg, model_dir, pick_device("cpu"), load_checkpoint(ckpt_dir))
+
+
+def max_differences(model, optimizer, other_model, other_optimizer) -> tuple[float, float]:
+    """(max |weight difference|, max |AdamW second-moment difference|) of two unsharded learners; their
+    parameter names, optimizer hyperparameters and step counts must agree."""
+    a, b = model.state_dict(), other_model.state_dict()
+    assert a.keys() == b.keys()
+    w_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    sa, sb = optimizer.state_dict(), other_optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    assert [int(s["step"]) for s in sa["state"].values()] == [int(sb["state"][i]["step"]) for i in sa["state"]]
+    v_diff = max(float((s["exp_avg_sq"] - sb["state"][i]["exp_avg_sq"]).abs().max()) for i, s in sa["state"].items())
+    return w_diff, v_diff
+
+
+def shard_files(ckpt_dir: Path) -> dict[str, int]:
+    """Name -> size of the files of a sharded checkpoint's DCP directory."""
+    from learner.checkpoint import SHARDS_DIR
+
+    return {p.name: p.stat().st_size for p in (ckpt_dir / SHARDS_DIR).iterdir()}
+
+
+def test_sharded_checkpoint_of_one_process_restores_like_a_full_one(tmp_path, random_tiny_dir, data_model):
+    """World size 1, no process group: after an AdamW step, a sharded checkpoint restores exactly the state a
+    full one does; old ones are pruned; an unknown format or a missing file is a clear error."""
+    import torch
+
+    from learner import checkpoint as ckpt_io
+    from learner.controller import DCMDPController
+    from learner.trainer import Learner, build_policy, pick_device
+
+    cfg = load_config("tiny", [f"model.path={random_tiny_dir}", *TINY, "learner.lr=1e-3"], env={})
+    model, optimizer = build_policy(cfg, random_tiny_dir, pick_device("cpu"), None)
+    learner = Learner(cfg, model=model, optimizer=optimizer, controller=DCMDPController(cfg.controller),
+                      reader=None, control=None, publisher=None, metrics=None, run_dir=tmp_path,
+                      device=pick_device("cpu"), version=1)
+    learner.train_step(make_groups(data_model, 2, group_size=4, versions=(0, 1), seed=5))
+    full = ckpt_io.save_checkpoint(tmp_path / "full", 1, model=model, optimizer=optimizer, state={"version": 2})
+    sharded = None
+    for step in (1, 2, 3):
+        sharded = ckpt_io.save_checkpoint(tmp_path / "sharded", step, model=ckpt_io.ShardedState(model, optimizer),
+                                          optimizer=None, state={"version": 2}, keep=2)
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "sharded")] == ["step_000002", "step_000003"]
+    assert sorted(p.name for p in sharded.iterdir()) == ["rng.pt", "shards", "state.json"]
+    assert sorted(shard_files(sharded)) == [".metadata", "__0_0.distcp"]
+    assert ckpt_io.load_latest(tmp_path / "sharded").format == "sharded"
+    assert ckpt_io.load_checkpoint(full).format == "full"
+
+    from_full = restored(cfg, random_tiny_dir, full)
+    from_shards = restored(cfg, random_tiny_dir, sharded)
+    assert max_differences(*from_full, *from_shards) == (0.0, 0.0)
+    assert max_differences(model, optimizer, *from_shards) == (0.0, 0.0)
+    assert from_shards[0].lm_head.weight is from_shards[0].model.embed_tokens.weight  # still tied
+    assert isinstance(from_shards[1].param_groups[0]["betas"], tuple)  # as AdamW makes it, not DCP's list
+    assert torch.equal(torch.get_rng_state(), torch.load(sharded / "rng.pt", weights_only=True)["torch_rng"])
+
+    state = json.loads((sharded / "state.json").read_text())
+    (sharded / "state.json").write_text(json.dumps({**state, "format": "zarr"}))
+    with pytest.raises(RuntimeError, match="format 'zarr'; this learner reads 'full' and 'sharded'"):
+        restored(cfg, random_tiny_dir, sharded)
+    (sharded / "state.json").write_text(json.dumps(state))
+    (sharded / "shards" / ".metadata").unlink()
+    with pytest.raises(RuntimeError, match=r"lacks shards/\.metadata"):
+        restored(cfg, random_tiny_dir, sharded)
+
+
+def sharded_overrides(tmp_path, redis_url, random_tiny_dir, name: str) -> list[str]:
+    return [
+        f"run.root={tmp_path / 'runs'}", f"run.name={name}", f"redis.url={redis_url}", f"redis.prefix={name}",
+        f"model.path={random_tiny_dir}", *TINY,
+        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+        "learner.wandb_mode=disabled", "learner.progress=false", "learner.batch_groups=2", "learner.micro_batch=64",
+        "learner.checkpoint_every=1", "learner.lr=1e-3", "learner.checkpoint_format=sharded",
+    ]
+
+
+@pytest.mark.slow  # one learner run with two ranks (~20 s on 2 cores)
+def test_sharded_checkpoint_holds_per_rank_shards_and_no_gathered_weights(tmp_path, redis_url, random_tiny_dir,
+                                                                          data_model):
+    """World size 2, sharded format, three steps keeping one checkpoint: the checkpoint holds one DCP file per
+    rank, each with about half the state (no rank wrote it all), and no full weight or optimizer file; older
+    checkpoints and temporary directories are gone, and every entry is acked once its checkpoint is written."""
+    from learner.checkpoint import checkpoint_root, list_checkpoints
+
+    overrides = [*sharded_overrides(tmp_path, redis_url, random_tiny_dir, "shardfiles"), "learner.keep_checkpoints=1"]
+    cfg = load_config("tiny", overrides, env={})
+    push(cfg, make_groups(data_model, 6, group_size=4, versions=(0,), seed=12, tag="shardfiles"))
+    rc, err, _ = run_learner([*overrides, "learner.world_size=2", "learner.steps=3"])
+    assert rc == 0, err[-4000:]
+
+    (ckpt,) = list_checkpoints(cfg.run.dir)
+    assert ckpt.name == "step_000003"
+    assert sorted(p.name for p in checkpoint_root(cfg.run.dir).iterdir()) == ["latest", "step_000003"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rng.pt", "shards", "state.json"]
+    files = shard_files(ckpt)
+    assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    rank_bytes = [files["__0_0.distcp"], files["__1_0.distcp"]]
+    assert max(rank_bytes) < 0.7 * sum(rank_bytes), rank_bytes  # each rank wrote its own half, not everything
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["format"] == "sharded" and state["step"] == 3 and state["trained_total"] == 6
+    assert stream_state(cfg) == (0, 0)
+
+
+@pytest.mark.slow  # four learner runs, three of them with two ranks (~70 s on 2 cores)
+def test_sharded_checkpoints_resume_across_world_sizes_like_full_ones(tmp_path, redis_url, random_tiny_dir,
+                                                                      data_model):
+    """``learner.checkpoint_format = "sharded"``, one run of four steps in four pieces, every step checkpointed:
+    world_size 2; 2 again (same world size); 1 (two ranks' shards read without a process group into the
+    unsharded model); 2 (one process's shards resharded over two ranks).
+
+    Each checkpoint, read into an unsharded model, must equal the one-process step from the previous
+    checkpoint on the same groups (weights, AdamW state, loss, discrepancy, gradient norm) within the
+    tolerances of the full-format test above, and the buffer bookkeeping must be that of one learner."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from learner.checkpoint import SHARDS_DIR, list_checkpoints
+
+    overrides = [*sharded_overrides(tmp_path, redis_url, random_tiny_dir, "sharded"), "learner.keep_checkpoints=10"]
+    cfg = load_config("tiny", overrides, env={})
+    groups = make_groups(data_model, 8, group_size=4, versions=(0,), seed=13, tag="sharded")
+    ids = push(cfg, groups)
+    by_id = dict(zip(ids, groups))
+    worlds = [2, 2, 1, 2]
+    for steps, world in enumerate(worlds, start=1):
+        rc, err, _ = run_learner([*overrides, f"learner.world_size={world}", f"learner.steps={steps}"])
+        assert rc == 0, err[-4000:]
+
+    ckpts = list_checkpoints(cfg.run.dir)
+    assert [p.name for p in ckpts] == ["step_000001", "step_000002", "step_000003", "step_000004"]
+    states = [json.loads((p / "state.json").read_text()) for p in ckpts]
+    assert {s["format"] for s in states} == {"sharded"}
+    assert [sorted(f for f in shard_files(p) if f.endswith(".distcp")) for p in ckpts] == [
+        ["__0_0.distcp", "__1_0.distcp"] if w == 2 else ["__0_0.distcp"] for w in worlds]
+    # one global layout (names and shapes), whatever the world size that wrote it
+    layouts = [{k: getattr(m, "size", None) for k, m in
+                FileSystemReader(p / SHARDS_DIR).read_metadata().state_dict_metadata.items()} for p in ckpts]
+    assert all(layout == layouts[0] for layout in layouts)
+    assert not any((p / "model.safetensors").exists() or (p / "optimizer.pt").exists() for p in ckpts)
+    assert sorted(i for s in states for i in s["trained_ids"]) == sorted(ids), "an entry was lost or trained twice"
+    assert stream_state(cfg) == (0, 0)
+    rows = read_metrics(cfg.run.dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+
+    figures = []
+    for k, ckpt in enumerate(ckpts):
+        prev = None if k == 0 else ckpts[k - 1]
+        step_groups = [by_id[i] for i in states[k]["trained_ids"]]
+        model, optimizer, ref = reference_step(cfg, random_tiny_dir, prev, step_groups, states[k]["version"] - 1)
+        w_diff, v_diff = max_differences(model, optimizer, *restored(cfg, random_tiny_dir, ckpt))
+        assert rows[k]["tokens/generated"] == ref["tokens/generated"]
+        figures.append({
+            "step": k + 1, "world_size": worlds[k], "loss_diff": abs(rows[k]["loss"] - ref["loss"]),
+            "discrepancy_rel_diff": abs(rows[k]["discrepancy/total"] / ref["discrepancy/total"] - 1),
+            "grad_norm_rel_diff": abs(rows[k]["grad_norm"] / ref["grad_norm"] - 1),
+            "max_weight_diff": w_diff, "max_adam_v_diff": v_diff})
+    print("\nsharded checkpoints, world size of each step vs one process:", json.dumps(figures, indent=1))
+    lr = cfg.learner.lr
+    for f in figures:
+        assert f["loss_diff"] <= 1e-6 and f["discrepancy_rel_diff"] <= 1e-5 and f["grad_norm_rel_diff"] <= 1e-5, f
+        assert f["max_weight_diff"] <= 0.05 * lr and f["max_adam_v_diff"] <= 1e-9, f
