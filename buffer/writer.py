@@ -33,7 +33,7 @@ from collections import deque
 import redis
 
 from configs.schema import RedisConfig
-from protocol import TrajectoryGroup, encode_group
+from protocol import TrajectoryGroup, encode_group, encoded_size_hint
 
 from buffer.admission import DELIVER_LUA
 from buffer.connection import Retrier, connect
@@ -46,8 +46,8 @@ MAX_BATCH_GROUPS = 64
 MAX_BATCH_BYTES = 32 << 20
 
 
-# A queued group: its encoded bytes and its admission slot token (None: no slot).
-Item = tuple[memoryview, str | None]
+# A queued group: the group, its admission slot token (None: no slot) and about its encoded size in bytes.
+Item = tuple[TrajectoryGroup, str | None, int]
 
 
 def take_batch(queue: deque[Item], max_groups: int, max_bytes: int) -> list[Item]:
@@ -55,8 +55,8 @@ def take_batch(queue: deque[Item], max_groups: int, max_bytes: int) -> list[Item
     (always at least one, however large)."""
     batch: list[Item] = []
     size = 0
-    while queue and len(batch) < max_groups and (not batch or size + len(queue[0][0]) <= max_bytes):
-        size += len(queue[0][0])
+    while queue and len(batch) < max_groups and (not batch or size + queue[0][2] <= max_bytes):
+        size += queue[0][2]
         batch.append(queue.popleft())
     return batch
 
@@ -74,7 +74,8 @@ class GroupWriter:
         self._cond = threading.Condition()
         self._deliver = self.client.register_script(DELIVER_LUA)
         self._deliver_keys = [self.keys.traj, self.keys.held, self.keys.produced, self.keys.delivered]
-        self._queue: deque[Item] = deque()  # (encoded group, slot) not yet handed to Redis
+        self._queue: deque[Item] = deque()  # groups not yet handed to Redis
+        self._buffers: list[bytearray] = []  # encode buffers of written batches, reused (sender thread only)
         self._inflight = 0  # groups in the batch being written right now
         self._error: BaseException | None = None
         self._closed = False
@@ -92,7 +93,7 @@ class GroupWriter:
     def send(self, group: TrajectoryGroup, slot: str | None = None) -> None:
         """Queue ``group`` for Redis, with the admission ``slot`` it was admitted under (``ControlPlane.admit``;
         the write settles it) or None. Blocks only while ``redis.max_held_groups`` groups are already held."""
-        data = encode_group(group)
+        size = encoded_size_hint(group)
         with self._cond:
             self._raise_if_failed()
             if self._closed:
@@ -105,7 +106,7 @@ class GroupWriter:
                     self._cond.wait()
                     self._raise_if_failed()
                 log.info("writer %s: redis accepts groups again after %.1f s", self.actor_id, time.monotonic() - t0)
-            self._queue.append((data, slot))
+            self._queue.append((group, slot, size))
             self._cond.notify_all()
 
     def flush(self, timeout_s: float = 30.0) -> int:
@@ -147,17 +148,42 @@ class GroupWriter:
         if self._error is not None:
             raise RuntimeError(f"writer {self.actor_id}: sender thread failed: {self._error}") from self._error
 
-    def _xadd_batch(self, batch: list[Item]) -> None:
-        # A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed. Each entry is one
-        # command (XADD, or one EVALSHA of the deliver script, atomic on its own); redis-py loads the script
-        # first if the server lacks it (a restarted Redis).
-        pipe = self.client.pipeline(transaction=False)
-        for data, slot in batch:
-            if slot is None:
-                pipe.xadd(self.keys.traj, {"data": data})
-            else:
-                self._deliver(keys=self._deliver_keys, args=[data, slot], client=pipe)
-        pipe.execute()
+    def _xadd_batch(self, batch: list[Item]) -> int:
+        """Encode and write ``batch`` in one pipelined round trip; returns the bytes written.
+
+        Groups are encoded here, in the sender thread, into the buffers of earlier batches (encoding into fresh
+        memory costs ~7x more, in page faults; see ``protocol.encode_group``), and the buffers are kept once
+        Redis has the batch. A fresh pipeline per attempt: redis-py empties a pipeline whose execute() failed.
+        Each entry is one command (XADD, or one EVALSHA of the deliver script, atomic on its own); redis-py
+        loads the script first if the server lacks it (a restarted Redis)."""
+        views = [self._encode(group) for group, _, _ in batch]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for data, (_, slot, _) in zip(views, batch):
+                if slot is None:
+                    pipe.xadd(self.keys.traj, {"data": data})
+                else:
+                    self._deliver(keys=self._deliver_keys, args=[data, slot], client=pipe)
+            pipe.execute()
+            del pipe
+            return sum(len(v) for v in views)
+        finally:
+            for v in views:
+                buf = v.obj
+                try:
+                    v.release()
+                except BufferError:  # something still holds a view of it: leave the buffer to it
+                    continue
+                if len(self._buffers) < MAX_BATCH_GROUPS:
+                    self._buffers.append(buf)
+
+    def _encode(self, group: TrajectoryGroup) -> memoryview:
+        while self._buffers:
+            try:
+                return encode_group(group, self._buffers.pop())
+            except BufferError:  # still exported (a failed write's leftovers): take another
+                continue
+        return encode_group(group)
 
     def _run(self) -> None:
         while True:
@@ -169,7 +195,7 @@ class GroupWriter:
                 batch = take_batch(self._queue, MAX_BATCH_GROUPS, MAX_BATCH_BYTES)
                 self._inflight = len(batch)
             try:
-                self._retry.call(self._xadd_batch, batch)
+                written = self._retry.call(self._xadd_batch, batch)
             except Exception as exc:  # recorded for the actor thread, which re-raises it from send()/flush()
                 with self._cond:
                     self._queue.extendleft(reversed(batch))
@@ -182,5 +208,5 @@ class GroupWriter:
             with self._cond:
                 self._inflight = 0
                 self.sent += len(batch)
-                self.sent_bytes += sum(len(d) for d, _ in batch)
+                self.sent_bytes += written
                 self._cond.notify_all()

@@ -15,6 +15,7 @@ from protocol.messages import (
     decode_group,
     encode,
     encode_group,
+    encoded_size_hint,
     validate_group,
     validate_trajectory,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "decode_group",
     "encode",
     "encode_group",
+    "encoded_size_hint",
     "validate_group",
     "validate_trajectory",
 ]

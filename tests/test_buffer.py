@@ -77,6 +77,25 @@ def test_writer_reader_round_trip_delivers_each_group_once(redis_url):
     reader.close()
 
 
+def test_writer_reuses_its_encode_buffers_without_corrupting_written_entries(redis_url):
+    """The sender encodes each batch into the buffers of the batches before it: groups of changing sizes, one
+    batch at a time, must reach Redis byte for byte as ``encode`` writes them."""
+    cfg = fast_cfg(redis_url)
+    rng = np.random.default_rng(3)
+    sent = [synthetic_group(rng, f"g{i}", n_traj=4, n_tokens=n, vocab_size=VOCAB, version=0)
+            for i, n in enumerate([64, 900, 8, 300, 2000, 16, 700, 5, 1200, 40])]
+    writer = GroupWriter(cfg, "actor-0")
+    for i in range(0, len(sent), 2):  # batches of 2: each after the previous one is written
+        writer.send(sent[i])
+        writer.send(sent[i + 1])
+        assert writer.flush(10.0) == 0
+    assert 0 < len(writer._buffers) <= 2  # the buffers came back for reuse
+    assert writer.close() == 0
+    stored = [f[b"data"] for _, f in connect(cfg).xrange(f"{cfg.prefix}:traj")]
+    assert stored == [encode(g) for g in sent]
+    assert writer.sent_bytes == sum(len(b) for b in stored)
+
+
 def test_reader_holds_unacked_entries_without_redelivering_them(redis_url):
     cfg = fast_cfg(redis_url, pending_timeout_s=0.2)
     writer = GroupWriter(cfg, "actor-0")
