@@ -41,10 +41,12 @@ class JobResult:
 class Job:
     """One bounded job like ``make run`` (a fresh redis-server, the learner, ``actors`` actor processes), whose
     parts can be killed and restarted one by one (``bench/faults.py``). With ``pin_cores`` the learner runs
-    on core 0 and actor i on core i+1 (mod the core count), so that timings do not depend on the scheduler."""
+    on core 0 and actor i on core i+1 (mod the core count), so that timings do not depend on the scheduler;
+    ``pin_cores="learner"`` pins the learner alone (the actors, with their vLLM engine processes, may use
+    every core)."""
 
     def __init__(self, name: str, config: str, overrides: list[str], workdir: Path, *, actors: int = 1,
-                 pin_cores: bool = True):
+                 pin_cores: bool | str = True):
         self.name, self.workdir, self.n_actors, self.pin_cores = name, workdir, actors, pin_cores
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(workdir / f"redis-{name}", ignore_errors=True)  # a rerun must not start from its old AOF
@@ -65,7 +67,8 @@ class Job:
         self.t0 = time.monotonic()
 
     def _spawn(self, core: int | None, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(pin(core if self.pin_cores else None) + [sys.executable, *argv], env=self.env,
+        pinned = self.pin_cores is True or (self.pin_cores == "learner" and core == 0)
+        return subprocess.Popen(pin(core if pinned else None) + [sys.executable, *argv], env=self.env,
                                 cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     def start_learner(self, fresh: bool = True) -> None:
@@ -111,7 +114,7 @@ class Job:
 
 
 def run_job(name: str, config: str, overrides: list[str], workdir: Path, *, actors: int = 1,
-            pin_cores: bool = True, timeout_s: float = 3600.0) -> JobResult:
+            pin_cores: bool | str = True, timeout_s: float = 3600.0) -> JobResult:
     """Run one bounded job to the learner's exit and return the learner's metrics (see :class:`Job`)."""
     job = Job(name, config, overrides, workdir, actors=actors, pin_cores=pin_cores).start()
     try:

@@ -139,7 +139,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=100, help="steps in the moving mean")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "peer_trl"))
     p.add_argument("--skip-trl", action="store_true", help="reuse the TRL rows of an earlier run in --out")
-    p.add_argument("--no-pin", action="store_true", help="let the OS place dcrl's processes (default: one core each)")
+    p.add_argument("--pin", choices=("all", "learner", "none"), default="all",
+                   help="dcrl's processes: one core each (all), the learner alone on core 0 (learner), or none")
+    p.add_argument("--no-pin", action="store_const", const="none", dest="pin", help="same as --pin none")
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     add_config_args(p)
     args = p.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
         trl_rows, trl_launch = json.loads((out / "trl_rows.json").read_text()), float("nan")
     else:
         trl_rows, trl_launch = run_trl(args.config, args.overrides, args.steps, out)
-    job = run_job("dcrl", args.config, args.overrides + [f"learner.steps={args.steps}"], out, pin_cores=not args.no_pin)
+    job = run_job("dcrl", args.config, args.overrides + [f"learner.steps={args.steps}"], out, pin_cores={"all": True, "learner": "learner", "none": False}[args.pin])
     rows = job.rows
     # dcrl's clock starts when the first batch arrives: elapsed at step 1 minus that step's train time.
     t_first = rows[0]["time/elapsed_s"] - rows[0]["time/step_s"] - rows[0].get("time/publish_s", 0.0)
