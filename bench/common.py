@@ -49,7 +49,10 @@ class Job:
                  pin_cores: bool | str = True):
         self.name, self.workdir, self.n_actors, self.pin_cores = name, workdir, actors, pin_cores
         workdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(workdir / f"redis-{name}", ignore_errors=True)  # a rerun must not start from its old AOF
+        # A rerun starts from nothing: not from its old AOF, and not from the old run's metrics.jsonl, which
+        # bench/faults.py polls for the step to inject its fault at (it read step 600 at once and struck at start).
+        for old in (f"redis-{name}", name, f"actor-weights-{name}"):
+            shutil.rmtree(workdir / old, ignore_errors=True)
         self.server = start_redis(workdir / f"redis-{name}")
         sets = overrides + [
             f"run.name={name}", f"run.root={workdir}",

@@ -284,6 +284,10 @@ class LearnerConfig(_Strict):
     """world_size > 1 on GPUs: keep the parameter shards, gradients and AdamW states in host memory (FSDP2
     ``CPUOffloadPolicy``; the optimizer step runs on the CPU); each layer is copied to the GPU for its
     forward and backward."""
+    meta_init: bool = True
+    """world_size > 1: ranks 1..N-1 build the model on the meta device (no memory) and receive rank 0's weights
+    while they are sharded (``broadcast_from_rank0``), so only rank 0 ever holds the full model in host memory.
+    False: every rank loads the full model from ``model.path`` and shards it (N full copies in host memory)."""
     checkpoint_format: Literal["full", "sharded"] = "full"
     """How checkpoints hold the weights and the AdamW state. "full": one ``model.safetensors`` and one
     ``optimizer.pt`` in the layout of a one-rank learner; with world_size > 1 they are gathered on rank 0 first,

@@ -154,8 +154,7 @@ class Checkpoint:
 
         if self.format == "sharded":
             load_shards(self.path / SHARDS_DIR, model, optimizer, distributed=distributed)
-            torch.set_rng_state(torch.load(self.path / RNG_FILE, map_location="cpu", weights_only=True)["torch_rng"])
-            restore_rng(self.state["rng"])
+            self.restore_rng()
             return
         device = next(model.parameters()).device
         missing, unexpected = load_model(model, self.path / "model.safetensors", strict=True, device=str(device))
@@ -163,6 +162,14 @@ class Checkpoint:
         if optimizer is not None:
             optimizer.load_state_dict(extra["optimizer"])
         torch.set_rng_state(extra["torch_rng"])
+        restore_rng(self.state["rng"])
+
+    def restore_rng(self) -> None:
+        """The torch, python and numpy RNG states alone (a rank that gets its weights from rank 0)."""
+        import torch
+
+        name = "optimizer.pt" if self.format == "full" else RNG_FILE
+        torch.set_rng_state(torch.load(self.path / name, map_location="cpu", weights_only=True)["torch_rng"])
         restore_rng(self.state["rng"])
 
 

@@ -148,6 +148,27 @@ def shard_model(model, lcfg) -> None:
             m.set_force_sum_reduction_for_comms(True)
 
 
+def shard_from_rank0(model, lcfg, ranks: "Ranks", device) -> None:
+    """``shard_model``, with the weights taken from rank 0 (``learner.meta_init``): ranks 1..N-1 hold ``model``
+    on the meta device; after sharding they allocate their shards on ``device`` and rank 0's full state
+    dict is broadcast into every rank's shards. Buffers outside the state dict (the rotary embedding's
+    ``inv_freq``) are not sharded; the empty ones get rank 0's values."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if ranks.is_main else {}  # rank 0's full tensors, referenced across the sharding
+    shard_model(model, lcfg)
+    if not ranks.is_main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for _, buf in model.named_buffers():
+        t = buf.to(ranks.device)
+        dist.broadcast(t, src=0)
+        if t is not buf:
+            buf.copy_(t)
+
+
 # ---------------------------------------------------------------- full state <-> sharded state
 
 

@@ -592,19 +592,32 @@ def load_policy(model_dir: Path, dtype: str, device: "torch.device"):
     return model.to(device)
 
 
+def empty_policy(model_dir: Path, dtype: str):
+    """The policy's architecture on the meta device: shapes and dtypes, no storage (``learner.meta_init``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
 def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckpt, ranks=None):
     """The policy and its AdamW, restored from ``ckpt`` (a ``learner.checkpoint.Checkpoint``) when given.
 
-    Sharded (``ranks``): every rank loads the full model, and a full checkpoint's weights into it, shards the
-    model (``learner.distributed.shard_model``), then shards the checkpoint's full optimizer state into its
-    AdamW; a sharded-format checkpoint is read after sharding instead, each rank reading its own shards (DCP).
-    The checkpoint may come from any world size."""
+    Sharded (``ranks``): rank 0 loads the full model, and a full checkpoint's weights into it; with
+    ``learner.meta_init`` the other ranks build it on the meta device and get rank 0's weights as it is sharded
+    (``learner.distributed.shard_model``), otherwise every rank loads it. Then the checkpoint's full optimizer
+    state is sharded into each rank's AdamW; a sharded-format checkpoint is read after sharding instead, each
+    rank reading its own shards (DCP). The checkpoint may come from any world size."""
     import torch
 
     lcfg = cfg.learner
     torch.manual_seed(cfg.run.seed)
     # CPU offload: the full model never visits the GPU; fully_shard leaves each shard in (pinned) host memory
-    model = load_policy(model_dir, lcfg.dtype, torch.device("cpu") if lcfg.cpu_offload else device)
+    home = torch.device("cpu") if lcfg.cpu_offload else device
+    on_meta = ranks is not None and lcfg.meta_init and not ranks.is_main
+    model = empty_policy(model_dir, lcfg.dtype) if on_meta else load_policy(model_dir, lcfg.dtype, home)
     if lcfg.activation_checkpointing:
         # Non-reentrant: composes with FSDP2's hooks; active in train mode only (the no-grad pi_prox pass is
         # in eval mode and keeps nothing anyway).
@@ -617,9 +630,16 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
     from learner.distributed import load_optimizer_state, shard_model
 
     full = ckpt is not None and ckpt.format == "full"
-    if full:
+    if full and on_meta:
+        ckpt.restore_rng()  # the weights come from rank 0
+    elif full:
         ckpt.restore(model)  # weights and RNG states, into the full model
-    shard_model(model, lcfg)
+    if lcfg.meta_init:
+        from learner.distributed import shard_from_rank0
+
+        shard_from_rank0(model, lcfg, ranks, home)
+    else:
+        shard_model(model, lcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
     if full:
         load_optimizer_state(model, optimizer, ckpt.optimizer_state())

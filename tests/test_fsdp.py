@@ -188,7 +188,8 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
 
     1. world_size 2, SIGKILL of rank 0 right after step 2, before its checkpoint: rank 1 must not outlive it;
     2. world_size 1 resumes the two-rank checkpoint and retrains step 2's entries;
-    3. world_size 2 (activation checkpointing on) resumes the one-rank checkpoint: step 3;
+    3. world_size 2 (activation checkpointing on; every rank loads the model, ``learner.meta_init`` off)
+       resumes the one-rank checkpoint: step 3 (the other two-rank runs build rank 1's model on the meta device);
     4. world_size 2 with bf16 compute over fp32 master weights: step 4.
 
     Each checkpoint must equal, within fp32 tolerance (step 4: bf16's), the one-process step from the previous
@@ -221,7 +222,7 @@ def test_two_ranks_train_like_one_survive_a_kill_and_resume_across_world_sizes(t
     assert [p.name for p in list_checkpoints(cfg.run.dir)] == ["step_000001"]
     assert stream_state(cfg) == (6, 2)  # step 1 acked; step 2's entries pending; four never read
 
-    for world, steps, extra in [(1, 2, []), (2, 3, ["learner.activation_checkpointing=true"]),
+    for world, steps, extra in [(1, 2, []), (2, 3, ["learner.activation_checkpointing=true", "learner.meta_init=false"]),
                                 (2, 4, ["learner.compute_dtype=bfloat16"])]:
         rc, err, _ = run_learner([*overrides, f"learner.world_size={world}", f"learner.steps={steps}", *extra])
         assert rc == 0, err[-4000:]
