@@ -80,6 +80,16 @@ def role_argv(module: str, args: argparse.Namespace, extra: list[str] = ()) -> l
     return argv + list(extra)
 
 
+def learner_gpus(cfg) -> float:
+    """GPUs Ray reserves for the learner: ``ray.num_gpus_learner``, raised to one per rank
+    (``learner.world_size``) when the learner trains on CUDA (``learner.device = "cuda"``, or "auto" with GPUs
+    asked for), so an N-rank learner is never placed on fewer."""
+    lcfg = cfg.learner
+    on_gpu = lcfg.device == "cuda" or (lcfg.device == "auto" and cfg.ray.num_gpus_learner > 0)
+    per_rank = lcfg.world_size if on_gpu else 0
+    return max(cfg.ray.num_gpus_learner, float(per_rank))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m actors.ray_launcher", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                  include_dashboard=False, log_to_driver=False)
     n = args.num_actors or cfg.ray.num_actors
     Role = ray.remote(RoleProcess)
-    learner = Role.options(name=f"{cfg.run.name}-learner", num_cpus=1, num_gpus=cfg.ray.num_gpus_learner,
+    gpus = learner_gpus(cfg)
+    if gpus > cfg.ray.num_gpus_learner:
+        print(f"[ray] reserving {gpus:g} GPUs for the learner (learner.world_size = {cfg.learner.world_size} on "
+              f"{cfg.learner.device}; ray.num_gpus_learner = {cfg.ray.num_gpus_learner:g})", flush=True)
+    learner = Role.options(name=f"{cfg.run.name}-learner", num_cpus=1, num_gpus=gpus,
                            max_restarts=0).remote(role_argv("learner", args), child_env,
                                                   str(run_dir / "logs" / "learner.log"))
     actors = [

@@ -84,3 +84,18 @@ def test_ray_launcher_restarts_killed_actor_and_loses_no_entry(tmp_path, redis_s
     assert int(r.get(f"{p}:dead_count") or 0) == 0
     assert info["entries-added"] == consumed + info["length"]
     assert consumed == STEPS * BATCH
+
+
+def test_learner_gets_a_gpu_per_rank_under_ray_when_it_trains_on_cuda():
+    from actors.ray_launcher import learner_gpus
+    from configs import load_config
+
+    def gpus(*sets):
+        return learner_gpus(load_config("tiny", list(sets), env={}))
+
+    assert gpus() == 0  # CPU learner: nothing reserved
+    assert gpus("learner.world_size=2") == 0  # gloo ranks on CPU
+    assert gpus("learner.device=cuda", "learner.world_size=4") == 4  # raised to one per rank
+    assert gpus("learner.device=cuda", "ray.num_gpus_learner=8", "learner.world_size=4") == 8  # more stays
+    assert gpus("learner.device=auto", "ray.num_gpus_learner=1", "learner.world_size=2") == 2  # a GPU asked for
+    assert learner_gpus(load_config("qwen3_8b", [], env={})) == 4
