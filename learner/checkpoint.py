@@ -137,11 +137,16 @@ class Checkpoint:
                                "incomplete or was changed by hand; restore it or start with --fresh")
         return fmt
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """The saved ``optimizer.state_dict()`` (parameters numbered in ``model.parameters()`` order; full format)."""
+    def optimizer_state(self, *, with_rng: bool = False) -> dict[str, Any]:
+        """The saved ``optimizer.state_dict()`` (parameters numbered in ``model.parameters()`` order; full format).
+        ``with_rng``: also restore the RNG states from the same read (a rank that got its weights from rank 0)."""
         import torch
 
-        return torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True)["optimizer"]
+        extra = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if with_rng:
+            torch.set_rng_state(extra["torch_rng"])
+            restore_rng(self.state["rng"])
+        return extra["optimizer"]
 
     def restore(self, model, optimizer=None, *, distributed: bool = False) -> None:
         """Load weights into ``model`` (strict), optimizer state into ``optimizer``, and all RNG states.
@@ -154,7 +159,8 @@ class Checkpoint:
 
         if self.format == "sharded":
             load_shards(self.path / SHARDS_DIR, model, optimizer, distributed=distributed)
-            self.restore_rng()
+            torch.set_rng_state(torch.load(self.path / RNG_FILE, map_location="cpu", weights_only=True)["torch_rng"])
+            restore_rng(self.state["rng"])
             return
         device = next(model.parameters()).device
         missing, unexpected = load_model(model, self.path / "model.safetensors", strict=True, device=str(device))
@@ -164,13 +170,6 @@ class Checkpoint:
         torch.set_rng_state(extra["torch_rng"])
         restore_rng(self.state["rng"])
 
-    def restore_rng(self) -> None:
-        """The torch, python and numpy RNG states alone (a rank that gets its weights from rank 0)."""
-        import torch
-
-        name = "optimizer.pt" if self.format == "full" else RNG_FILE
-        torch.set_rng_state(torch.load(self.path / name, map_location="cpu", weights_only=True)["torch_rng"])
-        restore_rng(self.state["rng"])
 
 
 @dataclass

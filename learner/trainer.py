@@ -630,9 +630,7 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
     from learner.distributed import load_optimizer_state, shard_model
 
     full = ckpt is not None and ckpt.format == "full"
-    if full and on_meta:
-        ckpt.restore_rng()  # the weights come from rank 0
-    elif full:
+    if full and not on_meta:  # (on the meta device the weights come from rank 0, the RNG states below)
         ckpt.restore(model)  # weights and RNG states, into the full model
     if lcfg.meta_init:
         from learner.distributed import shard_from_rank0
@@ -642,7 +640,7 @@ def build_policy(cfg: "DcrlConfig", model_dir: Path, device: "torch.device", ckp
         shard_model(model, lcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, weight_decay=lcfg.weight_decay)
     if full:
-        load_optimizer_state(model, optimizer, ckpt.optimizer_state())
+        load_optimizer_state(model, optimizer, ckpt.optimizer_state(with_rng=on_meta))
     elif ckpt is not None:
         ckpt.restore(model, optimizer, distributed=True)  # a collective: every rank reads its own shards
     return model, optimizer
