@@ -10,8 +10,10 @@ stops at once when one of them dies. All ranks join one process group through a 
 (no rendezvous socket at all); the collectives use gloo on CPU and nccl on GPU (rank r on ``cuda:r``), their
 sockets on the loopback interface.
 
-Model. Every rank loads the full model and restores the checkpoint's weights into it, then shards it with
-FSDP2: ``fully_shard`` on each decoder layer, then on the root (embedding, final norm and the tied head).
+Model. Rank 0 loads the full model and restores a full checkpoint's weights into it; ranks 1..N-1 build it on
+the meta device and receive rank 0's weights while it is sharded (``learner.meta_init``, :func:`shard_from_rank0`;
+with it off every rank loads the full model). Sharding is FSDP2: ``fully_shard`` on each decoder layer, then on
+the root (embedding, final norm and the tied head).
 Gradients are reduced by SUM rather than FSDP's default mean, because each rank's loss is already divided by
 the token count of the whole batch (token-level aggregation); the summed gradient is the world_size 1 one.
 
@@ -49,8 +51,9 @@ checkpoint); only rank 0 holds the result, in host memory. The publisher gets it
   (``learner.checkpoint.save_shards``), a collective that returns once all files and the metadata are
   written; rank 0 then adds ``state.json`` and renames the directory into place, as with the full format.
 
-Either format resumes with any world size, 1 included: a full checkpoint is loaded into the full model on
-every rank before sharding; a sharded one after sharding, each rank reading what its shards need.
+Either format resumes with any world size, 1 included: a full checkpoint's weights go into rank 0's full model
+before sharding (and to the others as above), its AdamW state into every rank's shards; a sharded one is read
+after sharding, each rank reading what its shards need.
 """
 
 from __future__ import annotations

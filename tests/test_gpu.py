@@ -85,6 +85,9 @@ def qwen3_0_6b_smoke_sets(tmp_path: Path) -> dict[str, str]:
 
 def test_qwen3_0_6b_smoke_settings_load_and_the_model_has_its_shape(tmp_path):
     """Without a GPU: the smoke run's settings pass validation and build a model of Qwen3-0.6B's shape."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from configs import load_config
     from tiny.build import build_model_config
     from tiny.tokenizer import build_tokenizer
@@ -92,9 +95,6 @@ def test_qwen3_0_6b_smoke_settings_load_and_the_model_has_its_shape(tmp_path):
     sets = {**qwen3_0_6b_smoke_sets(tmp_path), "model.path": str(tmp_path / "model")}
     cfg = load_config("qwen3_0.6b", [f"{k}={v}" for k, v in sets.items()], env={})
     assert cfg.env.chat and cfg.learner.weight_transfer == "files"
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tok = build_tokenizer()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_model_config(cfg.model.tiny, len(tok), tok))
