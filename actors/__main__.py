@@ -93,7 +93,8 @@ async def serve(cfg, actor_id: str, replica: int, device: str) -> int:
             subscriber.close()
         if engine is not None:
             await engine.shutdown()
-        writer.close()
+        actor = holder.get("actor")
+        writer.close(actor.stop_budget(30.0) if actor is not None else 30.0)
         control.close()
     return 0
 

@@ -180,6 +180,7 @@ class Actor:
         self._late_admits: list[asyncio.Future] = []  # admit_at calls a stop overtook: (slot | None, why)
         self._unstarted: list[str] = []  # slots admitted whose group has not started (weights catch-up)
         self._started = time.monotonic()  # reset when run() starts producing (ActorReport.wall_s)
+        self._stop_deadline: float | None = None  # set by request_stop(): the end of actor.stop_timeout_s
 
     # -------------------------------------------------------- public
 
@@ -188,7 +189,15 @@ class Actor:
         if self._stop is not None and not self._stop.is_set():
             log.info("%s: stop requested: cancelling %d in-flight episodes", self.actor_id,
                      self.stats.episodes_in_flight)
+            self._stop_deadline = time.monotonic() + self.cfg.actor.stop_timeout_s
             self._stop.set()
+
+    def stop_budget(self, default_s: float) -> float:
+        """How long a shutdown step may wait for Redis: ``default_s``, or after a stop signal what is left of
+        ``actor.stop_timeout_s`` (at least 0.1 s, so a step that Redis answers at once still runs)."""
+        if self._stop_deadline is None:
+            return default_s
+        return min(default_s, max(self._stop_deadline - time.monotonic(), 0.1))
 
     async def run(self) -> str:
         """Produce groups until Control.stop ("learner stop"), max_groups ("max_groups") or request_stop()
@@ -214,7 +223,9 @@ class Actor:
                 t.cancel()
             ended = await asyncio.gather(*background, return_exceptions=True)
             self._stop_waiter.cancel()
-            await asyncio.to_thread(lease.stop)  # nothing is held any more (or we failed): let it go now
+            # Nothing is held any more (or we failed): let it go now (after a stop signal, only if Redis answers
+            # within what is left of actor.stop_timeout_s; otherwise it lapses by itself).
+            await asyncio.to_thread(lease.stop, self.stop_budget(10.0))
             self.weights.close()
         # A weight reload that failed while the actor drained must still fail the actor.
         failures = [e for e in ended if isinstance(e, Exception) and not isinstance(e, Stopping)]
@@ -436,11 +447,11 @@ class Actor:
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         slots = [job.slot for job in jobs.values() if not job.handed_off] + self._unstarted
         self._unstarted = []
-        slots += await slots_admitted_late(self._late_admits)
+        slots += await slots_admitted_late(self._late_admits, self.stop_budget(5.0))
         self._late_admits = []
         for slot in slots:
             fut = self._control_io.submit(self.control.cancel, slot)
-            done, _ = await asyncio.wait({fut}, timeout=10.0)
+            done, _ = await asyncio.wait({fut}, timeout=self.stop_budget(10.0))
             if not done or fut.exception() is not None:
                 log.warning("%s: redis did not answer (%s); admission slots not given back "
                             "(a restart of this actor id, or its lease lapsing, gives them back)", self.actor_id,

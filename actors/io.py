@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger("dcrl.actor")
@@ -81,13 +82,25 @@ class LeaseKeeper:
             if self._stop.wait(self.lease_s / 3):
                 return
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the renewals and delete the lease, waiting at most ``timeout_s`` in all: a Redis that does not
+        answer is left behind (the call goes on in a daemon thread) and the lease lapses by itself."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
-        self._thread.join(timeout=10)
-        try:
-            self.control.drop_lease(self.actor_id)
-        except Exception as e:  # noqa: BLE001 - it expires by itself
-            log.warning("%s: could not drop the lease: %s", self.actor_id, e)
+        self._thread.join(timeout=timeout_s)
+
+        def drop() -> None:
+            try:
+                self.control.drop_lease(self.actor_id)
+            except Exception as e:  # noqa: BLE001 - it expires by itself
+                log.warning("%s: could not drop the lease: %s", self.actor_id, e)
+
+        dropper = threading.Thread(target=drop, name=f"dcrl-{self.actor_id}-lease-drop", daemon=True)
+        dropper.start()
+        dropper.join(timeout=max(deadline - time.monotonic(), 0.1))
+        if dropper.is_alive():
+            log.warning("%s: redis did not answer within %.1f s; the lease is left to lapse (actor.lease_s)",
+                        self.actor_id, timeout_s)
 
 
 class Stopping(Exception):

@@ -136,3 +136,47 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_m
         for t in g.trajectories:
             assert (t.logprobs_np[t.mask_np == 1] <= 0).all() and np.isfinite(t.logprobs_np).all()
     control.close()
+
+
+def test_a_stop_signal_after_redis_went_ends_the_actor_within_its_stop_timeout(tmp_path, redis_server,
+                                                                                tiny_model_dir):
+    """Ctrl-C of ``make run`` stops redis-server and the actor at once; when Redis goes first, the actor must not
+    wait out its Redis timeouts (10 s to give back slots, 10 s for the lease, 30 s to flush the writer), or honcho
+    SIGKILLs its supervisor and the worker lingers as an orphan. It exits after ``actor.stop_timeout_s`` of
+    waiting for Redis plus vLLM's own shutdown (about 5 s here), leaving its lease and slots to lapse."""
+    from buffer import ControlPlane
+
+    overrides = FAST_TINY + [
+        f"model.path={tiny_model_dir}", f"redis.url={redis_server.url}", "redis.prefix=stop", "env.name=arithmetic",
+        f"actor.group_size={G}", "actor.concurrency=8", "actor.status_interval_s=0.5", "actor.stop_timeout_s=2",
+        "actor.admission_poll_s=0.05", f"actor.weights_cache_dir={tmp_path / 'cache'}",
+        f"learner.zmq_pub=tcp://127.0.0.1:{free_port()}", f"learner.zmq_files=tcp://127.0.0.1:{free_port()}",
+    ]
+    cfg = load_config("tiny", overrides, env={})
+    control = ControlPlane(cfg.redis)
+    control.reset()
+    control.write_control(Control(version=0, max_staleness=1000, batch_groups=2))
+    control.close()
+    log_path = tmp_path / "actor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "actors", "--config", "tiny", "--actor-id", "actor-5",
+           *[a for o in overrides for a in ("--set", o)]]
+    with open(log_path, "w") as log_f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_f, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "generating" in log_path.read_text(), 240, "production", log_path)
+            redis_server.stop(kill=True)  # gone before the signal, as under Ctrl-C when redis exits first
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            rc = proc.wait(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert "stopped (signal)" in text, text[-4000:]
+    assert rc == 0, text[-4000:]
+    # 2 s for Redis in all, ~5 s of vLLM shutdown; the Redis timeouts alone were 50 s before actor.stop_timeout_s.
+    assert took < 20, f"the actor took {took:.1f} s to stop\n" + text[-4000:]
