@@ -220,9 +220,10 @@ class ActorConfig(_Strict):
     stop_timeout_s: float = Field(3.0, gt=0)
     """After a stop signal (SIGTERM, SIGINT, Ctrl-C of ``make run``): the most the actor waits for Redis, in all, to
     give back the slots of its unfinished groups, drop its lease and write the groups it holds, before it exits
-    anyway. Below honcho's 5 s between its SIGTERM and its SIGKILL, so a Ctrl-C ends every process at once even
-    when Redis went first. Slots it could not give back return when its lease lapses (``actor.lease_s``); groups
-    it could not write were never in Redis, and the actors produce others in their place."""
+    anyway. Below honcho's 5 s between its SIGTERM and its SIGKILL: a Ctrl-C also stops redis-server, and an actor
+    that waited out its Redis timeouts (50 s in all) was orphaned by that SIGKILL. Slots it could not give back
+    return when its lease lapses (``actor.lease_s``); groups it could not write were never in Redis, and the
+    actors produce others in their place."""
     max_restarts: int = Field(5, ge=0)
     """``python -m actors`` restarts a crashed actor (killed by a signal, or an exit status other than 0 and 2)
     at most this many times, after a backoff of 1, 2, 4 ... 30 s (actors/supervisor.py). 0: never. Under Ray,
