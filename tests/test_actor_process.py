@@ -169,7 +169,7 @@ def test_a_stop_signal_after_redis_went_ends_the_actor_within_its_stop_timeout(t
             redis_server.stop(kill=True)  # gone before the signal, as under Ctrl-C when redis exits first
             proc.send_signal(signal.SIGINT)
             t0 = time.monotonic()
-            rc = proc.wait(timeout=60)
+            rc = proc.wait(timeout=90)
             took = time.monotonic() - t0
         finally:
             if proc.poll() is None:
@@ -178,5 +178,6 @@ def test_a_stop_signal_after_redis_went_ends_the_actor_within_its_stop_timeout(t
     text = log_path.read_text()
     assert "stopped (signal)" in text, text[-4000:]
     assert rc == 0, text[-4000:]
-    # 2 s for Redis in all, ~5 s of vLLM shutdown; the Redis timeouts alone were 50 s before actor.stop_timeout_s.
-    assert took < 20, f"the actor took {took:.1f} s to stop\n" + text[-4000:]
+    # 2 s for Redis in all plus vLLM's own shutdown (~5 s here); before actor.stop_timeout_s the Redis timeouts
+    # alone added up to 50 s. The bound leaves room for a loaded machine's slower engine shutdown.
+    assert took < 30, f"the actor took {took:.1f} s to stop\n" + text[-4000:]
