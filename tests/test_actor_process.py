@@ -40,6 +40,15 @@ def wait_for(pred, timeout_s: float, what: str, log_path: Path):
                          + log_path.read_text()[-5000:])
 
 
+def start_actor(overrides: list[str], actor_id: str, log_f) -> subprocess.Popen:
+    """``python -m actors`` (supervised) on the tiny preset with ``overrides``, its output to ``log_f``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "actors", "--config", "tiny", "--actor-id", actor_id,
+           *[a for o in overrides for a in ("--set", o)]]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_f, stderr=subprocess.STDOUT)
+
+
 def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_model_dir):
     from buffer import ControlPlane
     from learner.publisher import WeightPublisher, write_version_dir
@@ -56,12 +65,8 @@ def test_actor_process_admission_weights_and_sigterm(tmp_path, redis_url, tiny_m
     run_dir = tmp_path / "run"
     publisher = WeightPublisher(cfg.learner, run_dir, tiny_model_dir)
     log_path = tmp_path / "actor.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "actors", "--config", "tiny", "--actor-id", "actor-3",
-           *[a for o in overrides for a in ("--set", o)]]
     log_f = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_f, stderr=subprocess.STDOUT)
+    proc = start_actor(overrides, "actor-3", log_f)
     log = lambda: log_path.read_text()  # noqa: E731
     streamed = lambda: control.client.xlen(control.keys.traj)  # noqa: E731
 
@@ -158,12 +163,8 @@ def test_a_stop_signal_after_redis_went_ends_the_actor_within_its_stop_timeout(t
     control.write_control(Control(version=0, max_staleness=1000, batch_groups=2))
     control.close()
     log_path = tmp_path / "actor.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCRL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "actors", "--config", "tiny", "--actor-id", "actor-5",
-           *[a for o in overrides for a in ("--set", o)]]
     with open(log_path, "w") as log_f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_f, stderr=subprocess.STDOUT)
+        proc = start_actor(overrides, "actor-5", log_f)
         try:
             wait_for(lambda: "generating" in log_path.read_text(), 240, "production", log_path)
             redis_server.stop(kill=True)  # gone before the signal, as under Ctrl-C when redis exits first
