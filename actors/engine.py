@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from weights.collective import VLLM_BACKEND
+from weights.format import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from configs.schema import DcrlConfig
@@ -48,6 +49,9 @@ log = logging.getLogger("dcrl.actor.engine")
 
 WORKER_EXTENSION = "actors.vllm_ext.WorkerExtension"
 """vLLM's ``worker_extension_cls``: imported by every worker (and registers the gloo transfer backend)."""
+
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+"""``actor.cpu_executor = "uni"``: the model runs in vLLM's engine-core process (no worker process)."""
 
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}
 
@@ -150,6 +154,9 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
         args["weight_transfer_config"] = {"backend": VLLM_BACKEND[cfg.learner.weight_transfer]}
     if device == "cuda":
         args["gpu_memory_utilization"] = cfg.actor.gpu_memory_utilization
+    if device == "cpu" and cfg.actor.cpu_executor == "uni":
+        # vLLM's CPU platform turns "uni" into "mp"; named by its class, the in-process executor stays.
+        args["distributed_executor_backend"] = UNIPROC_EXECUTOR
     return args
 
 
@@ -191,7 +198,7 @@ class Engine:
     """A vLLM ``AsyncLLM`` plus the weight version it serves. One per actor process."""
 
     def __init__(self, llm, *, tag: str, temperature: float, top_p: float, clear_cache_on_reload: bool,
-                 version: int = 0, coalesce: bool = False):
+                 version: int = 0, coalesce: bool = False, fast_reload: bool = False):
         self.llm = llm
         self.tag = tag
         self._in_flight = 0  # requests in the engine now (see busy_s)
@@ -211,6 +218,11 @@ class Engine:
         self.coalesce = coalesce  # identical turns asked in one loop iteration -> one request with n samples
         self._pending: dict[tuple, list[tuple[str, asyncio.Future]]] = {}
         self.coalesced_requests = 0  # requests that carried more than one turn (for status and tests)
+        self.fast_reload = fast_reload  # CPU: dcrl_reload_weights where the model allows it (checked at start)
+        # vLLM without async scheduling (its CPU build) runs the engine core's utility calls in the order they
+        # were sent, between two steps and with no batch in flight: see _swap_weights.
+        sched = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
+        self.ordered_utilities = sched is not None and sched.async_scheduling is False
 
     @classmethod
     async def start(cls, cfg: "DcrlConfig", model_path: str | os.PathLike, *, device: str = "cpu",
@@ -233,6 +245,11 @@ class Engine:
                      coalesce=cfg.actor.coalesce_turns)
         if device == "cpu":
             await engine.llm.collective_rpc("dcrl_init_amx")
+            if cfg.actor.fast_reload:
+                why = [w for w in await engine.llm.collective_rpc("dcrl_fast_reload_supported") if w]
+                engine.fast_reload = not why
+                if why:
+                    log.info("actor.fast_reload: not for this model (%s); weight updates use vLLM's reload", why[0])
         await engine.llm.update_weight_version("0")
         log.info("vLLM engine up on %s (%s) in %.1f s", model_path, engine.tag, time.monotonic() - t0)
         return engine
@@ -352,12 +369,17 @@ class Engine:
 
         In-flight requests are frozen (``pause_generation(mode="keep")``), the worker reloads in place
         (``reload_weights``: on vLLM CPU ``model.load_weights`` on a loaded model fails, the worker's
-        reload re-runs the post-load repacking), the output label becomes ``version``, then generation
+        reload re-runs the post-load repacking; with ``actor.fast_reload`` the worker extension's
+        ``dcrl_reload_weights`` does the same in 5 ms instead of 12), the output label becomes ``version``, then generation
         resumes. If the reload raises, generation stays paused and the error propagates: the engine
         would otherwise serve half-loaded weights under the old label.
         """
         async def reload() -> None:
-            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
+            if self.fast_reload:
+                await self.llm.collective_rpc("dcrl_reload_weights",
+                                              kwargs={"weights_path": str(Path(weights_dir) / WEIGHTS_FILE)})
+            else:
+                await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(weights_dir))})
 
         return await self._swap_weights(reload, version)
 
@@ -369,11 +391,20 @@ class Engine:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
             t0 = time.perf_counter()
-            await self._pause()
-            await load()
-            await self.llm.update_weight_version(str(version))
-            self.version = version
-            await self.llm.resume_generation()
+            if self.ordered_utilities:
+                # The engine core takes these calls in order, between steps, none in flight (no async
+                # scheduling): nothing runs between the pause and the load, or between the relabel and the
+                # resume, whether or not the client waits for each reply. So two round trips instead of four
+                # (each costs milliseconds when the actor, the engine core and the worker share one core).
+                await asyncio.gather(self._pause(), load())
+                await asyncio.gather(self.llm.update_weight_version(str(version)), self.llm.resume_generation())
+                self.version = version
+            else:
+                await self._pause()
+                await load()
+                await self.llm.update_weight_version(str(version))
+                self.version = version
+                await self.llm.resume_generation()
             self.reloads += 1
             return time.perf_counter() - t0
 

@@ -203,6 +203,17 @@ class ActorConfig(_Strict):
     weights and no later turn reuses a prefix computed by the old ones (costs one prefill per update)."""
     cpu_threads: int = Field(1, ge=1)
     """vLLM CPU only: OpenMP threads of the engine (OMP_NUM_THREADS)."""
+    fast_reload: bool = True
+    """vLLM CPU only: weight updates from files load through the model's own loader and repack only the CPU GEMM
+    weights (``actors/vllm_ext.py``), 5 ms instead of vLLM's generic ``reload_weights`` (12 ms) on the tiny model.
+    Used where every layer is unquantized; otherwise, and with false, vLLM's reload."""
+    cpu_executor: Literal["uni", "mp"] = "uni"
+    """vLLM CPU only: "uni" runs the model inside vLLM's engine-core process; "mp" is vLLM's CPU default, a
+    separate worker process that the engine core hands every step to over a shared-memory queue whose reader
+    spins (``sched_yield``) for a second after each message. With the actor's processes on one core (the tiny
+    preset), "mp" made every step a hand-over between three processes; "uni" ran the tiny peer benchmark at
+    80-88 ms per step against 89-105 (``README.md``, "Speed against TRL"). vLLM picks "mp" on CPU because it sets
+    the worker's OpenMP threads itself; dcrl sets them (``cpu_threads``) before vLLM starts."""
     admission_poll_s: float = Field(0.25, gt=0)
     """While idle (no control yet, or at the staleness cap): seconds between two admission attempts."""
     weights_poll_s: float = Field(2.0, gt=0)

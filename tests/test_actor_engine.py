@@ -444,3 +444,39 @@ def test_turns_of_one_context_share_one_request_and_keep_their_own_samples(engin
     d = float(np.mean([np.abs(np.array(o.logprobs) - r) for o, r in zip(outs[:8], ref)]))
     assert d < 0.08, f"coalesced samples' logprobs do not match the model: {d:.4f}"
     assert all(set(o.versions) == {v} and len(o.token_ids) == 12 for o in outs)
+
+
+def test_fast_reload_serves_exactly_what_vllms_own_reload_serves(engine, loop, served, tmp_path):
+    """actor.fast_reload (the worker extension's dcrl_reload_weights): the tiny model takes the fast path, and the
+    engine then computes bit for bit what it computes after vLLM's generic reload_weights of the same file: the
+    same greedy tokens and the same logprobs, different from those of the weights before."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    assert engine.fast_reload, "the tiny model should take the fast reload path"
+    v = engine.version
+    new_dir, _ = publish_perturbed(served[v], tmp_path / "run", v + 1, scale=0.05, seed=3)
+    greedy = SamplingParams(temperature=0, max_tokens=10, logprobs=0, ignore_eos=True, detokenize=False)
+
+    def probe(tag: str) -> list[tuple]:
+        async def one(i: int):
+            final = None
+            async for out in engine.llm.generate(TokensPrompt(prompt_token_ids=list(range(30 + i, 40 + i))), greedy,
+                                                 f"fast-{tag}-{v}-{i}"):
+                final = out
+            c = final.outputs[0]
+            return tuple(c.token_ids), tuple(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs))
+        return run_all(loop, [one(i) for i in range(4)])
+
+    before = probe("before")
+    loop.run_until_complete(engine.load_weights(new_dir, v + 1))
+    fast = probe("fast")
+    engine.fast_reload = False
+    try:
+        loop.run_until_complete(engine.load_weights(new_dir, v + 2))
+        generic = probe("generic")
+    finally:
+        engine.fast_reload = True
+    served[v + 1] = served[v + 2] = new_dir
+    assert fast == generic
+    assert fast != before, "the reload changed nothing measurable"

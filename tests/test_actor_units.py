@@ -15,7 +15,7 @@ import pytest
 
 from envs.episode import EpisodeLimits, TokenLog, episode_room, turn_budget
 from actors.actor import group_seed, groups_in_flight_limit, replica_index, resolve_actor_id
-from actors.engine import engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
+from actors.engine import UNIPROC_EXECUTOR, engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
 from buffer.server import free_port
 from configs.schema import load_config
 from protocol.messages import decode_group, encode, TrajectoryGroup
@@ -79,8 +79,13 @@ def test_engine_tag_and_args_follow_config():
     assert cpu["logprobs_mode"] == "processed_logprobs" and cpu["enable_prefix_caching"]
     assert cpu["enforce_eager"] is True and cpu["seed"] == 7 and cpu["max_num_seqs"] == 12
     assert cpu["max_model_len"] == cfg.model.max_seq_len and "gpu_memory_utilization" not in cpu
+    # actor.cpu_executor: "uni" names vLLM's in-process executor by its class (the string "uni" becomes "mp" on CPU)
+    assert cpu["distributed_executor_backend"] == UNIPROC_EXECUTOR
+    mp = load_config("tiny", ["actor.cpu_executor=mp"], env={})
+    assert "distributed_executor_backend" not in engine_args(mp, "/m", "cpu")
     gpu = engine_args(cfg, "/m", "cuda")
     assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == cfg.actor.gpu_memory_utilization
+    assert "distributed_executor_backend" not in gpu
 
 
 def test_turn_budget_is_min_of_turn_episode_and_context_limits():
