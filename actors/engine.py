@@ -6,7 +6,7 @@ Used by the actor (and ``bench/rollout.py``) as::
     engine = await Engine.start(cfg, model_dir, device=device, replica=replica)
     turn = await engine.generate(context_ids, max_tokens, request_id)   # one model turn
     turn.token_ids, turn.logprobs, turn.versions, turn.stopped
-    await engine.load_weights(weights_dir, version)            # pause(keep) -> reload_weights -> resume
+    await engine.load_weights(weights_dir, version)            # pause(keep) -> reload -> relabel -> resume
     await engine.shutdown()
 
 Version invariant: ``turn.versions[i]`` is the version of the weights that sampled ``turn.token_ids[i]``.
