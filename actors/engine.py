@@ -395,7 +395,7 @@ class Engine:
                 # The engine core takes these calls in order, between steps, none in flight (no async
                 # scheduling): nothing runs between the pause and the load, or between the relabel and the
                 # resume, whether or not the client waits for each reply. So two round trips instead of four
-                # (each costs milliseconds when the actor, the engine core and the worker share one core).
+                # (each costs milliseconds when the actor and vLLM share one core).
                 await asyncio.gather(self._pause(), load())
                 await asyncio.gather(self.llm.update_weight_version(str(version)), self.llm.resume_generation())
                 self.version = version
