@@ -480,3 +480,15 @@ def test_fast_reload_serves_exactly_what_vllms_own_reload_serves(engine, loop, s
     served[v + 1] = served[v + 2] = new_dir
     assert fast == generic
     assert fast != before, "the reload changed nothing measurable"
+
+
+def test_cpu_engine_runs_the_model_in_its_engine_core_process(engine):
+    """actor.cpu_executor = "uni" (default): vLLM's engine core is this process's one vLLM child and starts no worker
+    process of its own (vLLM's CPU default, "mp", would); without async scheduling, weight updates send their
+    engine-core calls in pairs (Engine.ordered_utilities)."""
+    import psutil
+
+    cores = [p for p in psutil.Process().children() if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children()]
+    assert cores[0].children(recursive=True) == [], [p.cmdline() for p in cores[0].children(recursive=True)]
+    assert engine.ordered_utilities
