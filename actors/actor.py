@@ -45,6 +45,7 @@ import redis
 
 from actors.io import IoThread, LeaseKeeper, Stopping
 from actors.weight_sync import WeightSync
+from buffer.control import Admission
 from envs import env_factory, resolve_env_class
 from envs.episode import EpisodeLimits, EpisodeTimings, TextCodec, run_episode
 from envs.guard import EnvFault
@@ -114,13 +115,13 @@ class GroupJob:
 
 async def slots_admitted_late(futs: list[asyncio.Future], timeout_s: float = 5.0) -> list[str]:
     """The slots that ``ControlPlane.admit_at`` calls overtaken by a stop went on to admit (each future's
-    result is ``(slot | None, why)``): the caller must give them back. A call still unanswered after
+    result starts with ``slot | None``): the caller must give them back. A call still unanswered after
     ``timeout_s`` (Redis down) is left to the lease: its slot comes back when this actor id restarts or lapses."""
     slots = []
     for fut in futs:
         done, _ = await asyncio.wait({fut}, timeout=timeout_s)
         if done and fut.exception() is None:
-            slot, _why = fut.result()
+            slot = fut.result()[0]
             if slot is not None:
                 slots.append(slot)
     return slots
@@ -170,6 +171,10 @@ class Actor:
         # replacement per epoch across actors. Others get a seed from (actor.seed, actor id, session, n).
         self._indexed = bool(getattr(resolve_env_class(cfg.env.name), "indexed", False))
         self._control_io = IoThread(f"dcrl-{actor_id}-control")
+        # Blocks in ControlPlane.wait_control while the actor is at the staleness cap: a thread of its own, so
+        # that the control thread's calls (weight announcements' reads, reports) never queue behind it.
+        self._wakeup_io = IoThread(f"dcrl-{actor_id}-wakeup")
+        self._wakeup: asyncio.Future | None = None  # the wait_control call in flight
         self._writer_io = IoThread(f"dcrl-{actor_id}-writer")
         self.weights = WeightSync(cfg, actor_id, engine, control, subscriber, self.stats,
                                   redis=self._redis, race=self._race)
@@ -177,7 +182,7 @@ class Actor:
         self._stop: asyncio.Event | None = None
         self._stop_waiter: asyncio.Task | None = None
         self._episodes: asyncio.Semaphore | None = None
-        self._late_admits: list[asyncio.Future] = []  # admit_at calls a stop overtook: (slot | None, why)
+        self._late_admits: list[asyncio.Future] = []  # admit calls a stop overtook: (slot | None, why, ctrl)
         self._unstarted: list[str] = []  # slots admitted whose group has not started (weights catch-up)
         self._started = time.monotonic()  # reset when run() starts producing (ActorReport.wall_s)
         self._stop_deadline: float | None = None  # set by request_stop(): the end of actor.stop_timeout_s
@@ -300,6 +305,7 @@ class Actor:
         max_jobs = groups_in_flight_limit(self.cfg.actor.concurrency, self.cfg.actor.group_size)
         admitted = 0
         control_read_at = 0.0
+        event: str | None = None  # control event of the last refused admission (None: no control seen yet)
         while True:
             for t in background:  # a dead weight task must kill the actor, not leave it serving stale weights
                 if t.done():
@@ -322,19 +328,22 @@ class Actor:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
                 else:
-                    slot, why = await self._admit()
-                    if slot is None and why == "weights":
+                    a = await self._admit()
+                    if a.slot is None and a.why == "weights":
                         # Capacity is free, but only for newer weights than the engine's: load them now. If
                         # none can be had (none published yet, or refused), admit under the learner's cap
                         # rather than stall the run (the read side still bounds the lag).
                         if await self.weights.refresh():
                             continue
-                        slot, why = await self._admit(weights_bound=False)
+                        a = await self._admit(weights_bound=False)
+                    if a.control is not None:  # the Control admission was decided under: the freshest there is
+                        self.last_control, control_read_at = a.control, time.monotonic()
+                    slot, event = a.slot, a.event
                     if slot is not None:
                         # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
                         # during the catch-up would otherwise leave it admitted and never streamed).
                         self._unstarted.append(slot)
-                        self.last_control = await self.weights.catch_up()
+                        self.last_control = await self.weights.catch_up(a.control)
                         seed = (await self._redis(self.control.next_draw) if self._indexed else
                                 group_seed(self.cfg.actor.seed, self.actor_id, self.session, admitted))
                         self._unstarted.remove(slot)
@@ -343,22 +352,40 @@ class Actor:
                         admitted += 1
                         self.idle_reason = None
                         continue  # fill every free slot before waiting
-                    self.idle_reason = f"at staleness cap K={ctrl.max_staleness}"
+                    self.idle_reason = f"at staleness cap K={self.last_control.max_staleness}"
             else:
                 self.idle_reason = None
             idle, t0 = self.idle_reason, time.monotonic()
-            await asyncio.wait({*jobs, self._stop_waiter, *background}, timeout=self.cfg.actor.admission_poll_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            wake = {*jobs, self._stop_waiter, *background}
+            if idle is not None:  # at the cap or no learner yet: also wake the moment a newer Control is written
+                wake |= self._control_wakeup(event)
+            await asyncio.wait(wake, timeout=self.cfg.actor.admission_poll_s, return_when=asyncio.FIRST_COMPLETED)
             if idle is not None:
                 kind = idle_kind(idle)
                 self.stats.idle_s[kind] = self.stats.idle_s.get(kind, 0.0) + time.monotonic() - t0
 
-    async def _admit(self, weights_bound: bool = True) -> tuple[str | None, str]:
-        """A slot from the admission ledger for a group sampled with the engine's weights, or (None, why):
-        ``ControlPlane.admit_at``. With ``weights_bound`` the capacity is that of the engine's weights, so that
-        the group is trained at most K versions after them (``buffer.admission.weights_capacity``); without,
-        the learner's."""
-        fut = self._control_io.submit(self.control.admit_at, self.actor_id,
+    def _control_wakeup(self, event: str | None) -> set[asyncio.Future]:
+        """A future that completes when a Control newer than ``event``'s is written (``ControlPlane.wait_control``,
+        blocking for at most ``actor.admission_poll_s``); the one still waiting is reused (it was started after an
+        event no newer than ``event``, so it returns at the next Control too). Empty once a wait failed (Redis
+        down: the admission's own retries take over, and the loop polls)."""
+        if self._wakeup is not None:
+            if not self._wakeup.done():
+                return {self._wakeup}
+            failed = not self._wakeup.cancelled() and self._wakeup.exception() is not None
+            self._wakeup = None
+            if failed:
+                return set()
+        self._wakeup = self._wakeup_io.submit(self.control.wait_control, event,
+                                              int(self.cfg.actor.admission_poll_s * 1000))
+        return {self._wakeup}
+
+    async def _admit(self, weights_bound: bool = True) -> Admission:
+        """A slot from the admission ledger for a group sampled with the engine's weights, or (None, why), with
+        the Control the ledger decided under: ``ControlPlane.admit_with_control``. With ``weights_bound`` the
+        capacity is that of the engine's weights, so that the group is trained at most K versions after them
+        (``buffer.admission.weights_capacity``); without, the learner's."""
+        fut = self._control_io.submit(self.control.admit_with_control, self.actor_id,
                                       self.engine.version if weights_bound else None)
         try:
             return await self._race(fut)

@@ -106,23 +106,37 @@ def weights_capacity(capacity: int, version: int, batch_groups: int, weights_ver
 # ARGV[1] slot token (drawn by the caller), ARGV[2] actor id, ARGV[3] the weights version the group will be
 # sampled with (-1: not known, the learner's capacity alone). The control hash holds 'capacity' and beside it
 # the 'version' and 'batch_groups' it was computed from (weights_capacity).
-# Returns 1 admitted (produced incremented, token held), 0 at capacity, 2 at the capacity of the caller's
-# weights only (newer weights would be admitted), -1 no control written yet (not admitted). A token already
-# held returns 1 without counting again: a retry after a lost reply is harmless.
+# Returns {code, control, event}: code 1 admitted (produced incremented, token held), 0 at capacity, 2 at the
+# capacity of the caller's weights only (newer weights would be admitted), -1 no control written yet (not
+# admitted); control is the encoded Control the decision was made under and event the id of its entry in the
+# control-events stream (both absent with -1), so that the actor needs no second round trip to read the
+# Control, and can block until a newer one exists. A token already held returns 1 without counting again: a
+# retry after a lost reply is harmless.
 ADMIT_LUA = """
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 1 end
-local cap = redis.call('HGET', KEYS[1], 'capacity')
-if not cap then return -1 end
-cap = tonumber(cap)
+local c = redis.call('HMGET', KEYS[1], 'control', 'event', 'capacity', 'version', 'batch_groups')
+local ctl, ev = c[1], c[2]
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {1, ctl, ev} end
+if not c[3] then return {-1} end
+local cap = tonumber(c[3])
 local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
-if produced >= cap then return 0 end
+if produced >= cap then return {0, ctl, ev} end
 local w = tonumber(ARGV[3] or '-1')
-local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
-local bg = tonumber(redis.call('HGET', KEYS[1], 'batch_groups') or '0')
-if w >= 0 and v > w and produced >= cap - (v - w) * bg then return 2 end
+local v = tonumber(c[4] or '-1')
+local bg = tonumber(c[5] or '0')
+if w >= 0 and v > w and produced >= cap - (v - w) * bg then return {2, ctl, ev} end
 redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-return 1
+return {1, ctl, ev}
+"""
+
+# The learner's Control and what admission reads beside it, in one step, plus an entry in the control-events
+# stream whose id goes into the hash as 'event'. KEYS[1] control hash, KEYS[2] control-events stream; ARGV[1]
+# encode(Control), ARGV[2] capacity, ARGV[3] version, ARGV[4] batch_groups. Returns the event id.
+WRITE_CONTROL_LUA = """
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', '64', '*', 'version', ARGV[3])
+redis.call('HSET', KEYS[1], 'control', ARGV[1], 'capacity', ARGV[2], 'version', ARGV[3], 'batch_groups', ARGV[4],
+           'event', id)
+return id
 """
 
 # held -> delivered. KEYS[1] stream, KEYS[2] held hash, KEYS[3] produced counter, KEYS[4] delivered hash;

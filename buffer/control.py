@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from configs.schema import RedisConfig
 from protocol import ActorReport, Control, ProtocolError, WeightsReady, decode, encode
 
-from buffer.admission import (ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, admission_capacity,
-                              ledger_reconciles)
-from buffer.connection import Retrier, connect, redact_url
+from buffer.admission import (ADMIT_LUA, CANCEL_LUA, GIVE_BACK_LUA, RECLAIM_LUA, WRITE_CONTROL_LUA,
+                              admission_capacity, ledger_reconciles)
+from buffer.connection import SOCKET_TIMEOUT_S, Retrier, connect, redact_url
 from buffer.keys import Keys
 
 # An actor's report and the Redis server's clock at that moment, in one step: KEYS[1] the actors hash, KEYS[2]
@@ -58,6 +59,17 @@ local n = tonumber(ARGV[1])
 if c < n then redis.call('SET', KEYS[1], n) return n end
 return c
 """
+
+
+class Admission(NamedTuple):
+    """One admission attempt (``ControlPlane.admit_with_control``): the slot (None: not admitted), why not
+    ("capacity", "weights", "no control"; "" when admitted), the Control it was decided under and the id of
+    that Control's entry in the control-events stream (both None before the first write_control)."""
+
+    slot: str | None
+    why: str
+    control: Control | None
+    event: str | None
 
 
 @dataclass(frozen=True)
@@ -103,17 +115,29 @@ class ControlPlane:
         self._reclaim = self.client.register_script(RECLAIM_LUA)
         self._report = self.client.register_script(REPORT_LUA)
         self._restore_draws = self.client.register_script(RAISE_TO_LUA)
+        self._write_control = self.client.register_script(WRITE_CONTROL_LUA)
 
     def read_control(self) -> Control | None:
         """The learner's last Control, or None before the first write_control."""
         raw = self._retry.call(self.client.hget, self.keys.control, "control")
         return None if raw is None else decode(raw, Control)
 
-    def write_control(self, c: Control) -> None:
-        """Store ``c`` and its admission capacity in one HSET, so admit never sees one without the other."""
-        self._retry.call(self.client.hset, self.keys.control,
-                         mapping={"control": encode(c), "capacity": control_capacity(c), "version": c.version,
-                                  "batch_groups": c.batch_groups})
+    def write_control(self, c: Control) -> str:
+        """Store ``c`` and its admission capacity in one step, so admit never sees one without the other, and
+        announce it on the control-events stream (actors blocked in :meth:`wait_control` wake). Returns the
+        event id."""
+        ev = self._retry.call(self._write_control, keys=[self.keys.control, self.keys.control_events],
+                              args=[encode(c), control_capacity(c), c.version, c.batch_groups])
+        return ev.decode() if isinstance(ev, bytes) else str(ev)
+
+    def wait_control(self, after_event: str | None, timeout_ms: int) -> bool:
+        """Block until a Control newer than the one of event ``after_event`` is written (None: any Control), at
+        most ``timeout_ms``; True if one was. One XREAD BLOCK on the control-events stream: an actor at the
+        staleness cap wakes the moment the learner raises the capacity instead of at its next poll."""
+        block = max(1, min(int(timeout_ms), int((SOCKET_TIMEOUT_S - 5.0) * 1000)))  # a longer BLOCK looks like an outage
+        reply = self._retry.call(self.client.xread, {self.keys.control_events: after_event or "0-0"}, count=1,
+                                 block=block)
+        return bool(reply)
 
     def set_weights(self, w: WeightsReady) -> None:
         """Store the latest WeightsReady for actors that join after its ZMQ announcement."""
@@ -137,13 +161,24 @@ class ControlPlane:
         """:meth:`admit` and why not: ``(slot, "")``, or ``(None, reason)`` with reason ``"capacity"`` (the
         learner's cap K), ``"weights"`` (only the caller's weights are too old: newer ones would be admitted)
         or ``"no control"`` (no learner yet)."""
+        a = self.admit_with_control(actor_id, weights_version)
+        return a.slot, a.why
+
+    def admit_with_control(self, actor_id: str, weights_version: int | None) -> Admission:
+        """:meth:`admit_at` with the Control the decision was made under and its event id, read in the same
+        script: one round trip where the actor needs all three."""
         slot = f"{actor_id}:{secrets.token_hex(8)}"
         w = -1 if weights_version is None else int(weights_version)
-        ok = self._retry.call(self._admit, keys=[self.keys.control, self.keys.produced, self.keys.held],
-                              args=[slot, actor_id, w])
+        reply = self._retry.call(self._admit, keys=[self.keys.control, self.keys.produced, self.keys.held],
+                                 args=[slot, actor_id, w])
+        ok = int(reply[0])
+        raw = reply[1] if len(reply) > 1 else None
+        ev = reply[2] if len(reply) > 2 else None
+        ctrl = None if raw is None else decode(raw, Control)
+        ev = ev.decode() if isinstance(ev, bytes) else ev
         if ok == 1:
-            return slot, ""
-        return None, {0: "capacity", 2: "weights"}.get(int(ok), "no control")
+            return Admission(slot, "", ctrl, ev)
+        return Admission(None, {0: "capacity", 2: "weights"}.get(ok, "no control"), ctrl, ev)
 
     def cancel(self, slot: str) -> bool:
         """Give back the admission ``slot`` of a group that will never reach the writer. True if it was held;

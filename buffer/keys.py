@@ -37,6 +37,13 @@ class Keys:
         return f"{self.prefix}:control"
 
     @property
+    def control_events(self) -> str:
+        """Stream: one entry per ``write_control`` (field ``version``), written in the same script as the control
+        hash, whose ``event`` field holds the entry's id; capped near 64 entries. Actors at the staleness cap block
+        on it (``ControlPlane.wait_control``) instead of polling the hash."""
+        return f"{self.prefix}:control_events"
+
+    @property
     def produced(self) -> str:
         """Counter of admission slots in use: held by actors, or delivered and not dead-lettered. Changed only by
         the ledger's scripts: INCR by ADMIT_LUA (and DELIVER_LUA for a slot no longer held), DECR by
@@ -106,5 +113,5 @@ class Keys:
 
     def all(self) -> tuple[str, ...]:
         """Every key of the run but the leases (they expire), for ``ControlPlane.reset``."""
-        return (self.traj, self.dead, self.control, self.produced, self.held, self.delivered, self.consumed,
-                self.consumed_admitted, self.dead_count, self.actors, self.actors_seen, self.draws)
+        return (self.traj, self.dead, self.control, self.control_events, self.produced, self.held, self.delivered,
+                self.consumed, self.consumed_admitted, self.dead_count, self.actors, self.actors_seen, self.draws)

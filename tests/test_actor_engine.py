@@ -253,6 +253,39 @@ def test_actor_control_stop_drains_in_flight_groups(engine, loop, codec, tiny_mo
     control.close()
 
 
+def test_actor_at_the_cap_admits_as_soon_as_the_learner_raises_capacity(engine, loop, codec, tiny_model_dir,
+                                                                         redis_url):
+    """An actor at the staleness cap blocks on the control-events stream, so the learner's next Control wakes it
+    at once, not at its next poll (actor.admission_poll_s, 20 s here: a polling actor fails this). With the
+    0.25 s poll alone, the tiny preset stalled 250-650 ms at every step on which the controller cut K."""
+    cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=wake", "actor.admission_poll_s=20",
+                    "actor.max_groups=2")
+    actor, control, writer = make_actor(cfg, engine, codec)
+    control.write_control(Control(version=0, max_staleness=0, batch_groups=1))  # capacity: one group
+    try:
+        async def scenario():
+            task = asyncio.create_task(actor.run())
+            deadline = time.monotonic() + 60
+            while not control.client.xlen(control.keys.traj) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # the first group is streamed: the actor now waits at the cap
+            assert actor.idle_reason.startswith("at staleness cap") and control.counters()["produced"] == 1
+            t0 = time.monotonic()
+            control.write_control(Control(version=1, max_staleness=0, batch_groups=1))  # capacity: two groups
+            while control.counters()["produced"] < 2 and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.01)
+            waited = time.monotonic() - t0
+            return waited, await asyncio.wait_for(task, 60)
+
+        waited, reason = loop.run_until_complete(scenario())
+    finally:
+        writer.close()
+    assert reason == "max_groups"
+    assert waited < 5.0, f"the second group was admitted {waited:.1f} s after the capacity rose"
+    assert control.client.xlen(control.keys.traj) == 2 and control.held("actor-t") == 0
+    control.close()
+
+
 def test_actor_redis_outage_holds_groups_and_resends(engine, loop, codec, tiny_model_dir, redis_server):
     cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_server.url}", "redis.prefix=outage", "env.name=arithmetic",
                     "actor.max_groups=6", "redis.retry_backoff_s=0.05", "redis.retry_backoff_max_s=0.3")
@@ -309,7 +342,7 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
     control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=1))
     caught_up = []
 
-    async def stop_while_catching_up():  # the stop lands while the catch-up waits on something slow
+    async def stop_while_catching_up(ctrl=None):  # the stop lands while the catch-up waits on something slow
         caught_up.append(control.counters()["produced"])
         actor.request_stop()
         await actor._race(asyncio.get_running_loop().create_future())

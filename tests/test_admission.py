@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -62,6 +63,41 @@ def test_admit_stops_exactly_at_admission_capacity(redis_url, version, k, batch)
     assert more == batch
     assert plane.counters()["produced"] == admission_capacity(version + 1, k, batch)
     assert plane.held("actor-0") == plane.held() == admission_capacity(version + 1, k, batch)
+
+
+def test_admission_returns_the_control_it_was_decided_under_and_a_wait_wakes_on_the_next(redis_url):
+    """The admit script hands back the Control (and its event) it judged by, so the actor needs no second read;
+    wait_control blocks until a newer Control is written and not a moment longer, and returns False on its
+    timeout when none is."""
+    plane = _plane(redis_url)
+    plane.reset()
+    assert plane.admit_with_control("actor-0", None) == (None, "no control", None, None)
+    assert plane.wait_control(None, 50) is False  # nothing written yet: times out
+    first = plane.write_control(Control(version=0, max_staleness=0, batch_groups=1))  # capacity 1
+    assert plane.wait_control(None, 5000) is True  # any Control will do
+    slot, why, ctrl, event = plane.admit_with_control("actor-0", None)
+    assert slot is not None and why == "" and event == first
+    assert ctrl == Control(version=0, max_staleness=0, batch_groups=1)
+    refused = plane.admit_with_control("actor-0", None)
+    assert refused.slot is None and refused.why == "capacity" and refused.event == first
+    t0 = time.monotonic()
+    assert plane.wait_control(refused.event, 300) is False  # no newer Control: the full timeout
+    assert time.monotonic() - t0 >= 0.25
+
+    def raise_capacity():
+        time.sleep(0.2)
+        plane.write_control(Control(version=1, max_staleness=0, batch_groups=1))  # capacity 2
+
+    writer = threading.Thread(target=raise_capacity)
+    t0 = time.monotonic()
+    writer.start()
+    assert plane.wait_control(refused.event, 20_000) is True
+    woke = time.monotonic() - t0
+    writer.join()
+    assert woke < 5.0, f"woke after {woke:.1f} s: the wait did not end at the new Control"
+    again = plane.admit_with_control("actor-0", None)
+    assert again.slot is not None and again.control.version == 1 and again.event != first
+    assert plane.client.xlen(plane.keys.control_events) == 2
 
 
 def test_admit_at_counts_the_capacity_of_the_callers_weights(redis_url):
