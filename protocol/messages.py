@@ -343,7 +343,11 @@ def validate_group(g: TrajectoryGroup, *, vocab_size: int | None = None, current
 
 
 def _group_ok(g: TrajectoryGroup, vocab_size: int | None, current_version: int | None) -> bool:
-    """True when every trajectory satisfies validate_trajectory's rules (checked jointly)."""
+    """True when every trajectory satisfies validate_trajectory's rules (checked jointly).
+
+    The reader's hot path, so each array is read as few times as the rules allow: plain reductions where a
+    rule over all tokens implies the rule over the generated ones (the masked form runs only when it does
+    not), the mask multiplied in where it must be, and no boolean indexing."""
     trajs = g.trajectories
     lens = []
     for t in trajs:
@@ -360,19 +364,26 @@ def _group_ok(g: TrajectoryGroup, vocab_size: int | None, current_version: int |
     lp = np.frombuffer(b"".join(t.logprobs for t in trajs), dtype=LOGPROB_DTYPE)
     ver = np.frombuffer(b"".join(t.versions for t in trajs), dtype=VERSION_DTYPE)
     mask = np.frombuffer(b"".join(t.loss_mask for t in trajs), dtype=MASK_DTYPE)
-    if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size) or mask.max() > 1:
+    if mask.max() > 1:
         return False
-    # Every trajectory needs at least one generated token.
-    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    if (np.maximum.reduceat(mask, starts) == 0).any():
+    starts = np.zeros(len(lens), dtype=np.intp)
+    np.cumsum(lens[:-1], out=starts[1:])
+    if not np.maximum.reduceat(mask, starts).all():  # every trajectory needs a generated token
         return False
-    gen = mask.view(bool)
-    if not np.isfinite(lp).all():
+    if vocab_size is not None:
+        if ids.view(np.uint32).max() >= vocab_size:  # a negative id reads as >= 2**31
+            return False
+    elif ids.min() < 0:
         return False
-    lp_gen, ver_gen = lp[gen], ver[gen]
-    if lp_gen.max() > 1e-4 or ver_gen.min() < 0:
+    lo, hi = lp.min(), lp.max()  # NaN propagates through both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return False
-    return current_version is None or ver_gen.max() <= current_version
+    if hi > 1e-4 and (lp * mask).max() > 1e-4:  # positive logprob on a generated token (prompt ones may be > 0)
+        return False
+    ver_gen = ver * mask  # generated tokens keep their version, the others read 0
+    if ver_gen.min() < 0:
+        return False
+    return current_version is None or ver.max() <= current_version or ver_gen.max() <= current_version
 
 
 def validate_weights_ready(w: WeightsReady) -> None:

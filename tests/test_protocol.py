@@ -123,6 +123,77 @@ def _i32(*values: int) -> bytes:
     return np.array(values, dtype="<i4").tobytes()
 
 
+PERTURBATIONS = ("none", "prompt_logprob_positive", "gen_logprob_positive", "gen_logprob_rounding", "nan", "inf",
+                 "prompt_version_future", "gen_version_future", "gen_version_negative", "prompt_version_negative",
+                 "id_negative", "id_at_vocab", "mask_2", "no_generated_token")
+
+
+@st.composite
+def perturbed_trajectories(draw) -> Trajectory:
+    """A valid trajectory with up to two rule-edge changes, on prompt or generated tokens: the cases the
+    joint check could get wrong (a rule over all tokens standing in for one over generated tokens)."""
+    n = draw(st.integers(2, 24))
+    mask = draw(arrays(np.uint8, n, elements=st.integers(0, 1)))
+    mask[draw(st.integers(0, n - 1))] = 1
+    mask[draw(st.integers(0, n - 1))] = 0  # a prompt token too (unless it was the only generated one)
+    if not mask.any():
+        mask[0] = 1
+    gen = mask.astype(bool)
+    ids = draw(arrays(np.int32, n, elements=st.integers(0, VOCAB - 1)))
+    lp = np.where(gen, draw(arrays(np.float32, n, elements=st.floats(-60.0, 0.0, width=32))), 0.0).astype(np.float32)
+    ver = np.where(gen, draw(arrays(np.int32, n, elements=st.integers(0, MAX_VERSION))), -1).astype(np.int32)
+    for change in draw(st.lists(st.sampled_from(PERTURBATIONS), max_size=2)):
+        on_gen = np.flatnonzero(gen)[draw(st.integers(0, int(gen.sum()) - 1))]
+        on_prompt = np.flatnonzero(~gen)[draw(st.integers(0, int((~gen).sum()) - 1))] if (~gen).any() else None
+        at = draw(st.integers(0, n - 1))
+        if change == "prompt_logprob_positive" and on_prompt is not None:
+            lp[on_prompt] = 3.0
+        elif change == "gen_logprob_positive":
+            lp[on_gen] = 2e-4
+        elif change == "gen_logprob_rounding":
+            lp[on_gen] = 5e-5
+        elif change == "nan":
+            lp[at] = np.nan
+        elif change == "inf":
+            lp[at] = -np.inf
+        elif change == "prompt_version_future" and on_prompt is not None:
+            ver[on_prompt] = MAX_VERSION + 5
+        elif change == "gen_version_future":
+            ver[on_gen] = MAX_VERSION + 1
+        elif change == "gen_version_negative":
+            ver[on_gen] = -1
+        elif change == "prompt_version_negative" and on_prompt is not None:
+            ver[on_prompt] = -7
+        elif change == "id_negative":
+            ids[at] = -1
+        elif change == "id_at_vocab":
+            ids[at] = VOCAB
+        elif change == "mask_2":
+            mask[at] = 2
+        elif change == "no_generated_token":
+            mask[:] = 0
+    return Trajectory.from_arrays(ids, lp, ver, mask, reward=0.0, turn_starts=[], finish_reason="stop",
+                                  prompt_len=0)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(perturbed_trajectories(), min_size=1, max_size=4), st.sampled_from([None, VOCAB]),
+       st.sampled_from([None, MAX_VERSION]))
+def test_joint_group_check_agrees_with_the_per_trajectory_rules(trajs, vocab_size, current_version):
+    """The reader's one-pass check over the joined arrays (messages._group_ok) accepts exactly the groups whose
+    every trajectory passes validate_trajectory."""
+    from protocol.messages import _group_ok, validate_trajectory
+
+    g = TrajectoryGroup(group_id="g", actor_id="a", engine="e", env="x", seed=0, trajectories=trajs, created_at=0.0)
+    try:
+        for t in trajs:
+            validate_trajectory(t, vocab_size=vocab_size, current_version=current_version)
+        each_ok = True
+    except ProtocolError:
+        each_ok = False
+    assert _group_ok(g, vocab_size, current_version) == each_ok
+
+
 def test_valid_group_passes_every_rule():
     g = group()
     assert decode_group(encode(g), vocab_size=6, current_version=1) == g
