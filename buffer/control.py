@@ -134,7 +134,8 @@ class ControlPlane:
         """Block until a Control newer than the one of event ``after_event`` is written (None: any Control), at
         most ``timeout_ms``; True if one was. One XREAD BLOCK on the control-events stream: an actor at the
         staleness cap wakes the moment the learner raises the capacity instead of at its next poll."""
-        block = max(1, min(int(timeout_ms), int((SOCKET_TIMEOUT_S - 5.0) * 1000)))  # a longer BLOCK looks like an outage
+        # Capped below the socket timeout: a longer BLOCK would look like an outage.
+        block = max(1, min(int(timeout_ms), int((SOCKET_TIMEOUT_S - 5.0) * 1000)))
         reply = self._retry.call(self.client.xread, {self.keys.control_events: after_event or "0-0"}, count=1,
                                  block=block)
         return bool(reply)

@@ -215,7 +215,9 @@ class ActorConfig(_Strict):
     80-88 ms per step against 89-105 (``README.md``, "Speed against TRL"). vLLM picks "mp" on CPU because it sets
     the worker's OpenMP threads itself; dcrl sets them (``cpu_threads``) before vLLM starts."""
     admission_poll_s: float = Field(0.25, gt=0)
-    """While idle (no control yet, or at the staleness cap): seconds between two admission attempts."""
+    """While idle (no control yet, or at the staleness cap): the longest wait between two admission attempts. The
+    actor also wakes the moment the learner writes a newer Control (``ControlPlane.wait_control``), so this is the
+    fallback (a learner that writes no control events, a Redis hiccup), and how often the Control is re-read."""
     weights_poll_s: float = Field(2.0, gt=0)
     """Seconds between reads of the latest WeightsReady in Redis, the fallback for missed ZMQ announcements."""
     weights_fetch_chunk_mb: int = Field(4, ge=1, le=16)
