@@ -241,16 +241,14 @@ class WeightSync:
                 w = newest(w, await self._redis(self.control.latest_weights))  # newer ones came meanwhile
             await self.sync(w)
 
-    async def catch_up(self, ctrl: Control | None = None) -> Control | None:
+    async def catch_up(self, ctrl: Control | None) -> Control | None:
         """Before an admitted group starts: if the engine's weights are older than the staleness cap allows
-        (engine version < V - K), load the newest published weights first. Returns the Control it judged by:
-        ``ctrl`` (the one the admission was decided under, read in the same script) or, without it, a fresh read.
+        (engine version < V - K), load the newest published weights first. ``ctrl`` is the Control the admission
+        was decided under (read in the same script, so no second read); returned as it is.
 
         The learner publishes weights V before it raises capacity in the control hash, but the announcement
         and the capacity reach this actor by different paths; without this check a synchronous run (K = 0)
         could start a group on V - 1 when the new capacity is seen before the WeightsReady."""
-        if ctrl is None:
-            ctrl = await self._redis(self.control.read_control)
         if ctrl is None or not weights_behind_cap(self.engine.version, ctrl.version, ctrl.max_staleness):
             return ctrl
         stored = await self._redis(self.control.latest_weights)

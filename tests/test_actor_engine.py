@@ -342,7 +342,7 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
     control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=1))
     caught_up = []
 
-    async def stop_while_catching_up(ctrl=None):  # the stop lands while the catch-up waits on something slow
+    async def stop_while_catching_up(ctrl):  # the stop lands while the catch-up waits on something slow
         caught_up.append(control.counters()["produced"])
         actor.request_stop()
         await actor._race(asyncio.get_running_loop().create_future())
