@@ -119,7 +119,7 @@ class GroupReader:
         self.consumer = consumer
         self.vocab_size = vocab_size
         self.keys = Keys(cfg.prefix)
-        self.client = connect(cfg, f"reader {consumer}")
+        self.client = connect(cfg, f"reader {consumer}", large_replies=True)
         self._retry = Retrier(cfg, f"reader {consumer}", give_up_s=cfg.max_outage_s)
         self._ack = self.client.register_script(ACK_LUA)
         self._dead_letter = self.client.register_script(DEAD_LETTER_LUA)
