@@ -17,6 +17,7 @@ An outage that outlasts its limit (``redis.connect_timeout_s`` at start, ``redis
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -42,9 +43,6 @@ SOCKET_TIMEOUT_S = 30.0
 
 # redis.exceptions.ConnectionError covers refused/dropped sockets and BusyLoadingError (AOF replay);
 # TimeoutError is a socket timeout. AuthenticationError subclasses ConnectionError: checked first.
-# redis-py's pure-Python parsers, which read through a SocketBuffer (hiredis reads on its own).
-_SOCKET_BUFFER_PARSERS = (_RESP2Parser, _RESP3Parser)
-
 OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -190,6 +188,11 @@ class LargeReplyBuffer(SocketBuffer):
         return view[:length].toreadonly()
 
 
+# redis-py's pure-Python parsers, which read through a SocketBuffer (hiredis reads on its own).
+_SOCKET_BUFFER_PARSERS = (_RESP2Parser, _RESP3Parser)
+
+
+@functools.cache
 def _large_reply_parser(base: type) -> type:
     """``base`` (a redis-py pure-Python parser class) reading through a LargeReplyBuffer."""
 
