@@ -160,6 +160,18 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
     return args
 
 
+def sampled_logprobs(ids: list[int], logprobs) -> list[float]:
+    """The logprob of each sampled token in ``ids`` from a completion's ``logprobs`` (asked with logprobs=0,
+    which returns exactly the sampled token's entry at each position): vLLM's flat form (one list over all
+    positions) read as it is, the per-position dicts otherwise."""
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is None:
+        return [float(pos[tok].logprob) for tok, pos in zip(ids, logprobs)]
+    if logprobs.token_ids != ids:
+        raise RuntimeError(f"vLLM returned logprobs for tokens other than the {len(ids)} sampled ones")
+    return list(flat)
+
+
 def spans_to_versions(spans: Sequence[Any] | None, n_tokens: int) -> np.ndarray:
     """Per-token int32 versions from vLLM's ``WeightVersionSpan(version, start, end)`` list.
 
@@ -272,9 +284,11 @@ class Engine:
 
         # FINAL_ONLY: one output per turn instead of one per token (the Python side is the bottleneck on
         # small models); versions come from the engine's spans, so streaming buys nothing here.
+        # flat_logprobs: the sampled tokens' logprobs as one list per sample, not a dict and a Logprob object
+        # per token in vLLM's front end (the actor process's core is the one the engine core shares).
         return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, logprobs=0,
                               ignore_eos=ignore_eos, detokenize=False, stop_token_ids=self.stop_token_ids or None,
-                              output_kind=RequestOutputKind.FINAL_ONLY)
+                              output_kind=RequestOutputKind.FINAL_ONLY, flat_logprobs=True)
 
     async def generate(self, context: Sequence[int], max_tokens: int, request_id: str, *,
                        ignore_eos: bool = False) -> TurnOutput:
@@ -342,8 +356,7 @@ class Engine:
         turns = []
         for c in sorted(final.outputs, key=lambda c: c.index):
             ids = list(c.token_ids)
-            # logprobs=0 returns exactly the sampled token's entry at each position.
-            lps = [float(pos[tok].logprob) for tok, pos in zip(ids, c.logprobs)]
+            lps = sampled_logprobs(ids, c.logprobs)
             versions = spans_to_versions(c.weight_versions, len(ids)).tolist()
             self.generated_tokens += len(ids)
             turns.append(TurnOutput(ids, lps, versions, stopped=c.finish_reason == "stop"))

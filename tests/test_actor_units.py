@@ -15,7 +15,8 @@ import pytest
 
 from envs.episode import EpisodeLimits, TokenLog, episode_room, turn_budget
 from actors.actor import group_seed, groups_in_flight_limit, replica_index, resolve_actor_id
-from actors.engine import UNIPROC_EXECUTOR, engine_args, engine_tag, pick_gpu, spans_to_versions, visible_gpus
+from actors.engine import (UNIPROC_EXECUTOR, engine_args, engine_tag, pick_gpu, sampled_logprobs, spans_to_versions,
+                           visible_gpus)
 from buffer.server import free_port
 from configs.schema import load_config
 from protocol.messages import decode_group, encode, TrajectoryGroup
@@ -191,3 +192,17 @@ def test_weights_behind_cap_only_past_the_staleness_cap():
     assert not weights_behind_cap(engine_version=3, learner_version=3, max_staleness=0)
     assert not weights_behind_cap(engine_version=1, learner_version=3, max_staleness=2)
     assert weights_behind_cap(engine_version=0, learner_version=3, max_staleness=2)
+
+
+def test_sampled_logprobs_reads_vllms_flat_and_per_position_forms_alike():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    ids = [5, 9, 5, 2]
+    values = [-0.5, -1.25, -0.0, -3.0]
+    per_position = [{t: Logprob(logprob=v, rank=1, decoded_token=None)} for t, v in zip(ids, values)]
+    flat = FlatLogprobs()
+    for pos in per_position:
+        flat.append(pos)
+    assert sampled_logprobs(ids, flat) == sampled_logprobs(ids, per_position) == values
+    with pytest.raises(RuntimeError, match="other than the 4 sampled"):
+        sampled_logprobs([5, 9, 5, 3], flat)
