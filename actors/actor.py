@@ -414,7 +414,8 @@ class Actor:
                                 env=self.cfg.env.name, seed=job.seed, trajectories=[t.result() for t in tasks],
                                 created_at=time.time())
         job.handed_off = True  # from here the writer owns the slot, even if this task is cancelled
-        await asyncio.shield(self._writer_io.submit(self.writer.send, group, job.slot))
+        if not self.writer.try_send(group, job.slot):  # the writer holds max_held_groups: wait in a thread
+            await asyncio.shield(self._writer_io.submit(self.writer.send, group, job.slot))
         self.stats.groups_sent += 1
         self.stats.episode_turns.update(len(t.turn_starts) for t in group.trajectories)
         self.stats.episode_tokens.update(len(t) for t in group.trajectories)

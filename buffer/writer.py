@@ -90,6 +90,16 @@ class GroupWriter:
         with self._cond:
             return len(self._queue) + self._inflight
 
+    def try_send(self, group: TrajectoryGroup, slot: str | None = None) -> bool:
+        """:meth:`send` if it would not block (fewer than ``redis.max_held_groups`` groups held): True once
+        queued; False, queueing nothing, otherwise. For an event loop, which must not block but need not pay a
+        thread hand-off per group while Redis keeps up."""
+        with self._cond:
+            if self._held_locked() >= self.cfg.max_held_groups:
+                return False
+            self.send(group, slot)  # the condition's lock is re-entrant: it cannot block now
+            return True
+
     def send(self, group: TrajectoryGroup, slot: str | None = None) -> None:
         """Queue ``group`` for Redis, with the admission ``slot`` it was admitted under (``ControlPlane.admit``;
         the write settles it) or None. Blocks only while ``redis.max_held_groups`` groups are already held."""

@@ -218,6 +218,8 @@ def test_writer_send_blocks_at_max_held_groups_instead_of_dropping(redis_server)
     redis_server.stop()
     for g in sent[:3]:
         writer.send(g)
+    assert not writer.try_send(sent[3])  # the event loop's non-blocking form refuses, queueing nothing
+    assert writer.held == 3
     fourth = threading.Thread(target=writer.send, args=(sent[3],))
     fourth.start()
     fourth.join(0.5)
@@ -226,9 +228,12 @@ def test_writer_send_blocks_at_max_held_groups_instead_of_dropping(redis_server)
     redis_server.start()
     fourth.join(15.0)
     assert not fourth.is_alive()
+    assert writer.flush(15.0) == 0
+    fifth = groups(1, prefix="late")[0]
+    assert writer.try_send(fifth)  # under the cap again: queued without blocking
     assert writer.close() == 0
     reader = GroupReader(cfg, "learner-0")
-    assert sorted(e.group.group_id for e in drain(reader, 4)) == sorted(g.group_id for g in sent)
+    assert sorted(e.group.group_id for e in drain(reader, 5)) == sorted(g.group_id for g in [*sent, fifth])
 
 
 def test_reader_waits_out_a_short_redis_outage(redis_server):
