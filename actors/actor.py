@@ -175,6 +175,7 @@ class Actor:
         # that the control thread's calls (weight announcements' reads, reports) never queue behind it.
         self._wakeup_io = IoThread(f"dcrl-{actor_id}-wakeup")
         self._wakeup: asyncio.Future | None = None  # the wait_control call in flight
+        # GroupWriter calls that may block: send() once the writer holds redis.max_held_groups, flush() at stop.
         self._writer_io = IoThread(f"dcrl-{actor_id}-writer")
         self.weights = WeightSync(cfg, actor_id, engine, control, subscriber, self.stats,
                                   redis=self._redis, race=self._race)
