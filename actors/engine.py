@@ -161,15 +161,11 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
 
 
 def sampled_logprobs(ids: list[int], logprobs) -> list[float]:
-    """The logprob of each sampled token in ``ids`` from a completion's ``logprobs`` (asked with logprobs=0,
-    which returns exactly the sampled token's entry at each position): vLLM's flat form (one list over all
-    positions) read as it is, the per-position dicts otherwise."""
-    flat = getattr(logprobs, "logprobs", None)
-    if flat is None:
-        return [float(pos[tok].logprob) for tok, pos in zip(ids, logprobs)]
+    """The logprob of each sampled token in ``ids`` from a completion's ``logprobs``, vLLM's flat form
+    (``flat_logprobs=True``; asked with logprobs=0, it holds exactly the sampled token's entry at each position)."""
     if logprobs.token_ids != ids:
         raise RuntimeError(f"vLLM returned logprobs for tokens other than the {len(ids)} sampled ones")
-    return list(flat)
+    return list(logprobs.logprobs)
 
 
 def spans_to_versions(spans: Sequence[Any] | None, n_tokens: int) -> np.ndarray:

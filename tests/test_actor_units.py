@@ -194,7 +194,7 @@ def test_weights_behind_cap_only_past_the_staleness_cap():
     assert weights_behind_cap(engine_version=0, learner_version=3, max_staleness=2)
 
 
-def test_sampled_logprobs_reads_vllms_flat_and_per_position_forms_alike():
+def test_sampled_logprobs_reads_vllms_flat_form():
     from vllm.logprobs import FlatLogprobs, Logprob
 
     ids = [5, 9, 5, 2]
@@ -203,6 +203,7 @@ def test_sampled_logprobs_reads_vllms_flat_and_per_position_forms_alike():
     flat = FlatLogprobs()
     for pos in per_position:
         flat.append(pos)
-    assert sampled_logprobs(ids, flat) == sampled_logprobs(ids, per_position) == values
+    # the flat form agrees with the per-position dicts it replaces
+    assert sampled_logprobs(ids, flat) == [float(pos[t].logprob) for t, pos in zip(ids, per_position)] == values
     with pytest.raises(RuntimeError, match="other than the 4 sampled"):
         sampled_logprobs([5, 9, 5, 3], flat)
