@@ -159,7 +159,7 @@ class LargeReplyBuffer(SocketBuffer):
 
     The stock path receives 64 kB chunks into a BytesIO, copies the string out, appends the tail and slices
     off the CRLF: four copies and a growing buffer per stream entry. For 214 kB entries (8 x 2,048 tokens)
-    that made XREADGROUP cost ~300 us per entry on this machine against ~110 us this way (bench/buffer.py),
+    that made XREADGROUP cost ~320 us per entry on this machine against ~120 us this way (bench/buffer.py),
     about what the hiredis parser gets. Smaller replies take the stock path unchanged."""
 
     def read(self, length: int, timeout: float | object = SENTINEL):
