@@ -102,31 +102,40 @@ def weights_capacity(capacity: int, version: int, batch_groups: int, weights_ver
     return capacity - max(version - weights_version, 0) * batch_groups
 
 
-# admitted -> held. KEYS[1] control hash, KEYS[2] produced counter, KEYS[3] held hash;
+# admitted -> held, for one group or several. KEYS[1] control hash, KEYS[2] produced counter, KEYS[3] held hash;
 # ARGV[1] slot token (drawn by the caller), ARGV[2] actor id, ARGV[3] the weights version the group will be
-# sampled with (-1: not known, the learner's capacity alone). The control hash holds 'capacity' and beside it
-# the 'version' and 'batch_groups' it was computed from (weights_capacity).
-# Returns {code, control, event}: code 1 admitted (produced incremented, token held), 0 at capacity, 2 at the
-# capacity of the caller's weights only (newer weights would be admitted), -1 no control written yet (not
-# admitted); control is the encoded Control the decision was made under and event the id of its entry in the
-# control-events stream (both absent with -1), so that the actor needs no second round trip to read the
-# Control, and can block until a newer one exists. A token already held returns 1 without counting again: a
-# retry after a lost reply is harmless.
+# sampled with (-1: not known, the learner's capacity alone), ARGV[4..] more slot tokens for more groups. The
+# control hash holds 'capacity' and beside it the 'version' and 'batch_groups' it was computed from
+# (weights_capacity). The tokens are admitted in order while capacity allows.
+# Returns {code, control, event, admitted}: admitted is how many tokens, from the first, are held now; code 1 when
+# all are, else why the next one was not: 0 at capacity, 2 at the capacity of the caller's weights only (newer
+# weights would be admitted), -1 no control written yet. control is the encoded Control the decision was made
+# under and event the id of its entry in the control-events stream (false with -1), so that the actor needs no
+# second round trip to read the Control, and can block until a newer one exists. A token already held counts as
+# admitted without counting again: a retry after a lost reply is harmless.
 ADMIT_LUA = """
 local c = redis.call('HMGET', KEYS[1], 'control', 'event', 'capacity', 'version', 'batch_groups')
 local ctl, ev = c[1], c[2]
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {1, ctl, ev} end
-if not c[3] then return {-1} end
-local cap = tonumber(c[3])
+local cap = tonumber(c[3] or '-1')
 local produced = tonumber(redis.call('GET', KEYS[2]) or '0')
-if produced >= cap then return {0, ctl, ev} end
 local w = tonumber(ARGV[3] or '-1')
 local v = tonumber(c[4] or '-1')
 local bg = tonumber(c[5] or '0')
-if w >= 0 and v > w and produced >= cap - (v - w) * bg then return {2, ctl, ev} end
-redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-return {1, ctl, ev}
+local admitted = 0
+for i = 1, math.max(#ARGV - 2, 1) do
+  local token = ARGV[1]
+  if i > 1 then token = ARGV[i + 2] end
+  if redis.call('HEXISTS', KEYS[3], token) == 0 then
+    if not c[3] then return {-1, false, false, admitted} end
+    if produced >= cap then return {0, ctl, ev, admitted} end
+    if w >= 0 and v > w and produced >= cap - (v - w) * bg then return {2, ctl, ev, admitted} end
+    redis.call('INCR', KEYS[2])
+    redis.call('HSET', KEYS[3], token, ARGV[2])
+    produced = produced + 1
+  end
+  admitted = admitted + 1
+end
+return {1, ctl, ev, admitted}
 """
 
 # The learner's Control and what admission reads beside it, in one step, plus an entry in the control-events

@@ -61,6 +61,18 @@ return c
 """
 
 
+class Admissions(NamedTuple):
+    """One admission attempt for several groups (``ControlPlane.admit_many``): the slots admitted (in order; fewer
+    than asked, maybe none), why not more ("capacity", "weights", "no control"; "" when all were), the Control it
+    was decided under and the id of that Control's entry in the control-events stream (both None before the first
+    write_control)."""
+
+    slots: tuple[str, ...]
+    why: str
+    control: Control | None
+    event: str | None
+
+
 class Admission(NamedTuple):
     """One admission attempt (``ControlPlane.admit_with_control``): the slot (None: not admitted), why not
     ("capacity", "weights", "no control"; "" when admitted), the Control it was decided under and the id of
@@ -168,18 +180,23 @@ class ControlPlane:
     def admit_with_control(self, actor_id: str, weights_version: int | None) -> Admission:
         """:meth:`admit_at` with the Control the decision was made under and its event id, read in the same
         script: one round trip where the actor needs all three."""
-        slot = f"{actor_id}:{secrets.token_hex(8)}"
+        a = self.admit_many(actor_id, weights_version, 1)
+        return Admission(a.slots[0] if a.slots else None, a.why, a.control, a.event)
+
+    def admit_many(self, actor_id: str, weights_version: int | None, n: int) -> Admissions:
+        """Up to ``n`` slots in one script (one round trip), admitted in order while capacity allows, each as
+        :meth:`admit_with_control` admits one: an actor with room for several groups starts them together."""
+        if n < 1:
+            raise ValueError(f"admit_many: n must be >= 1, got {n}")
+        slots = [f"{actor_id}:{secrets.token_hex(8)}" for _ in range(n)]
         w = -1 if weights_version is None else int(weights_version)
         reply = self._retry.call(self._admit, keys=[self.keys.control, self.keys.produced, self.keys.held],
-                                 args=[slot, actor_id, w])
-        ok = int(reply[0])
-        raw = reply[1] if len(reply) > 1 else None
-        ev = reply[2] if len(reply) > 2 else None
+                                 args=[slots[0], actor_id, w, *slots[1:]])
+        ok, raw, ev, admitted = int(reply[0]), reply[1], reply[2], int(reply[3])
         ctrl = None if raw is None else decode(raw, Control)
         ev = ev.decode() if isinstance(ev, bytes) else ev
-        if ok == 1:
-            return Admission(slot, "", ctrl, ev)
-        return Admission(None, {0: "capacity", 2: "weights"}.get(ok, "no control"), ctrl, ev)
+        why = "" if ok == 1 else {0: "capacity", 2: "weights"}.get(ok, "no control")
+        return Admissions(tuple(slots[:admitted]), why, ctrl, ev)
 
     def cancel(self, slot: str) -> bool:
         """Give back the admission ``slot`` of a group that will never reach the writer. True if it was held;

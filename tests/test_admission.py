@@ -224,8 +224,8 @@ def test_reclaim_gives_back_the_slots_of_actors_whose_lease_expired(redis_url):
 
 
 def test_admissions_a_stop_overtook_are_found_and_given_back(redis_url):
-    # An actor stopping while admit_at calls are in flight on its control thread: the ones that admitted must
-    # be given back (the SIGTERM test once found one slot held for ever: admit_at's result is (slot, why)).
+    # An actor stopping while admit_many calls are in flight on its control thread: what they admitted must be
+    # given back (the SIGTERM test once found one slot held for ever).
     import asyncio
 
     from actors.actor import slots_admitted_late
@@ -236,7 +236,8 @@ def test_admissions_a_stop_overtook_are_found_and_given_back(redis_url):
 
     async def stop_with_admits_in_flight():
         io = IoThread("control-test")
-        futs = [io.submit(control.admit_at, "actor-1", None) for _ in range(3)]  # the third finds the cap
+        # capacity 2: the first admits one, the second the other (of three asked), the third none
+        futs = [io.submit(control.admit_many, "actor-1", None, n) for n in (1, 3, 2)]
         slots = await slots_admitted_late(futs)
         for slot in slots:
             assert control.cancel(slot)
@@ -246,3 +247,29 @@ def test_admissions_a_stop_overtook_are_found_and_given_back(redis_url):
     assert len(slots) == 2 and all(s.startswith("actor-1:") for s in slots)
     counters = control.counters()
     assert counters["produced"] == 0 and control.held() == 0 and counters["reconciles"]
+
+
+def test_admit_many_admits_in_order_while_capacity_allows_and_says_why_not_more(redis_url):
+    """One script admits several groups: as many as capacity allows (the capacity of the caller's weights when it
+    names them), the rest refused with the reason the next one would have been; a retry of the same tokens counts
+    nothing twice."""
+    from buffer.admission import ADMIT_LUA, weights_capacity
+
+    plane = _plane(redis_url)
+    plane.reset()
+    assert plane.admit_many("actor-0", None, 3) == ((), "no control", None, None)
+    event = plane.write_control(Control(version=4, max_staleness=1, batch_groups=2))
+    cap = admission_capacity(4, 1, 2)
+    a = plane.admit_many("actor-0", 3, 2 * cap)  # weights one version behind: one batch fewer
+    assert len(a.slots) == weights_capacity(cap, 4, 2, 3) and a.why == "weights" and a.event == event
+    b = plane.admit_many("actor-0", None, 5)
+    assert len(b.slots) == cap - len(a.slots) == 2 and b.why == "capacity"
+    assert plane.admit_many("actor-0", None, 1) == ((), "capacity", Control(version=4, max_staleness=1,
+                                                                             batch_groups=2), event)
+    assert len(set(a.slots + b.slots)) == cap == plane.held("actor-0") == plane.counters()["produced"]
+    admit = plane.client.register_script(ADMIT_LUA)  # the reply of b was lost: its retry admits nothing new
+    reply = admit(keys=[plane.keys.control, plane.keys.produced, plane.keys.held],
+                  args=[b.slots[0], "actor-0", -1, b.slots[1]])
+    assert reply[0] == 1 and reply[3] == 2 and plane.counters()["produced"] == cap
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        plane.admit_many("actor-0", None, 0)
