@@ -45,7 +45,7 @@ import redis
 
 from actors.io import IoThread, LeaseKeeper, Stopping
 from actors.weight_sync import WeightSync
-from buffer.control import Admission
+from buffer.control import Admissions
 from envs import env_factory, resolve_env_class
 from envs.episode import EpisodeLimits, EpisodeTimings, TextCodec, run_episode
 from envs.guard import EnvFault
@@ -114,16 +114,14 @@ class GroupJob:
 
 
 async def slots_admitted_late(futs: list[asyncio.Future], timeout_s: float = 5.0) -> list[str]:
-    """The slots that ``ControlPlane.admit_at`` calls overtaken by a stop went on to admit (each future's
-    result starts with ``slot | None``): the caller must give them back. A call still unanswered after
-    ``timeout_s`` (Redis down) is left to the lease: its slot comes back when this actor id restarts or lapses."""
+    """The slots that ``ControlPlane.admit_many`` calls overtaken by a stop went on to admit (each future's
+    result starts with the tuple of slots): the caller must give them back. A call still unanswered after
+    ``timeout_s`` (Redis down) is left to the lease: its slots come back when this actor id restarts or lapses."""
     slots = []
     for fut in futs:
         done, _ = await asyncio.wait({fut}, timeout=timeout_s)
         if done and fut.exception() is None:
-            slot = fut.result()[0]
-            if slot is not None:
-                slots.append(slot)
+            slots.extend(fut.result()[0])
     return slots
 
 
@@ -329,28 +327,34 @@ class Actor:
                 if ctrl is None:
                     self.idle_reason = "waiting for learner"
                 else:
-                    a = await self._admit()
-                    if a.slot is None and a.why == "weights":
+                    # Every free place at once, in one round trip: the groups start together (one step of the
+                    # engine sees them all) instead of one per reply.
+                    room = max_jobs - len(jobs)
+                    if self.cfg.actor.max_groups is not None:
+                        room = min(room, self.cfg.actor.max_groups - admitted)
+                    a = await self._admit(room)
+                    if not a.slots and a.why == "weights":
                         # Capacity is free, but only for newer weights than the engine's: load them now. If
                         # none can be had (none published yet, or refused), admit under the learner's cap
                         # rather than stall the run (the read side still bounds the lag).
                         if await self.weights.refresh():
                             continue
-                        a = await self._admit(weights_bound=False)
+                        a = await self._admit(room, weights_bound=False)
                     if a.control is not None:  # the Control admission was decided under: the freshest there is
                         self.last_control, control_read_at = a.control, time.monotonic()
-                    slot, event = a.slot, a.event
-                    if slot is not None:
-                        # Until the group task exists, _cancel gives this slot back (a stop or a failed reload
+                    event = a.event
+                    if a.slots:
+                        # Until its group task exists, _cancel gives a slot back (a stop or a failed reload
                         # during the catch-up would otherwise leave it admitted and never streamed).
-                        self._unstarted.append(slot)
+                        self._unstarted.extend(a.slots)
                         self.last_control = await self.weights.catch_up(a.control)
-                        seed = (await self._redis(self.control.next_draw) if self._indexed else
-                                group_seed(self.cfg.actor.seed, self.actor_id, self.session, admitted))
-                        self._unstarted.remove(slot)
-                        job = self._start_group(admitted, slot, seed)
-                        jobs[job.task] = job
-                        admitted += 1
+                        for slot in a.slots:
+                            seed = (await self._redis(self.control.next_draw) if self._indexed else
+                                    group_seed(self.cfg.actor.seed, self.actor_id, self.session, admitted))
+                            self._unstarted.remove(slot)
+                            job = self._start_group(admitted, slot, seed)
+                            jobs[job.task] = job
+                            admitted += 1
                         self.idle_reason = None
                         continue  # fill every free slot before waiting
                     self.idle_reason = f"at staleness cap K={self.last_control.max_staleness}"
@@ -381,13 +385,13 @@ class Actor:
                                               int(self.cfg.actor.admission_poll_s * 1000))
         return {self._wakeup}
 
-    async def _admit(self, weights_bound: bool = True) -> Admission:
-        """A slot from the admission ledger for a group sampled with the engine's weights, or (None, why), with
-        the Control the ledger decided under: ``ControlPlane.admit_with_control``. With ``weights_bound`` the
-        capacity is that of the engine's weights, so that the group is trained at most K versions after them
+    async def _admit(self, n: int, weights_bound: bool = True) -> Admissions:
+        """Up to ``n`` slots from the admission ledger for groups sampled with the engine's weights, and why not
+        more, with the Control the ledger decided under: ``ControlPlane.admit_many``. With ``weights_bound`` the
+        capacity is that of the engine's weights, so that a group is trained at most K versions after them
         (``buffer.admission.weights_capacity``); without, the learner's."""
-        fut = self._control_io.submit(self.control.admit_with_control, self.actor_id,
-                                      self.engine.version if weights_bound else None)
+        fut = self._control_io.submit(self.control.admit_many, self.actor_id,
+                                      self.engine.version if weights_bound else None, n)
         try:
             return await self._race(fut)
         except Stopping:
@@ -493,8 +497,9 @@ class Actor:
             raise errors[0]
 
     async def _flush(self) -> None:
-        """Wait until the writer has delivered every finished group (bounded; the writer logs what is left)."""
-        fut = self._writer_io.submit(self.writer.flush, 30.0)
+        """Wait until the writer has delivered every finished group (bounded, after a stop signal by what is left of
+        ``actor.stop_timeout_s``; the writer logs what is left)."""
+        fut = self._writer_io.submit(self.writer.flush, self.stop_budget(30.0))
         held = await fut
         if held:
             log.warning("%s: %d finished groups still held (redis unreachable)", self.actor_id, held)
