@@ -1,4 +1,4 @@
-"""The actor's inference engine: one vLLM ``AsyncLLM`` serving model turns, with versioned weight reloads.
+"""The actor's inference engine: one vLLM engine (``AsyncLLM`` or in-process) serving model turns, with versioned weight reloads.
 
 Used by the actor (and ``bench/rollout.py``) as::
 
@@ -160,6 +160,12 @@ def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, r
     return args
 
 
+def engine_inline(cfg: "DcrlConfig", device: str) -> bool:
+    """Whether vLLM's engine core runs inside the actor's process (``actor.engine_process``; "auto": on CPU)."""
+    mode = cfg.actor.engine_process
+    return mode == "inline" or (mode == "auto" and device == "cpu")
+
+
 def sampled_logprobs(ids: list[int], logprobs) -> list[float]:
     """The logprob of each sampled token in ``ids`` from a completion's ``logprobs``, vLLM's flat form
     (``flat_logprobs=True``; asked with logprobs=0, it holds exactly the sampled token's entry at each position)."""
@@ -203,7 +209,9 @@ class TurnOutput:
 
 
 class Engine:
-    """A vLLM ``AsyncLLM`` plus the weight version it serves. One per actor process."""
+    """A vLLM engine plus the weight version it serves. One per actor process. The engine is vLLM's ``AsyncLLM``
+    (engine core in a process of its own) or, with ``actor.engine_process`` inline (the default on CPU),
+    :class:`actors.inline_engine.InlineLLM` (engine core stepped by this process's event loop)."""
 
     def __init__(self, llm, *, tag: str, temperature: float, top_p: float, clear_cache_on_reload: bool,
                  version: int = 0, coalesce: bool = False, fast_reload: bool = False):
@@ -243,11 +251,14 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         import actors.vllm_ext  # noqa: F401 - registers the gloo transfer backend in this process too
+        from actors.inline_engine import InlineLLM
 
         t0 = time.monotonic()
-        # The AsyncLLM lives only on the Engine (no local name): Engine.shutdown() can then free it while
+        args = engine_args(cfg, model_path, device, replica)
+        inline = engine_inline(cfg, device)
+        # The engine lives only on the Engine (no local name): Engine.shutdown() can then free it while
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.
-        engine = cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(cfg, model_path, device, replica))),
+        engine = cls(InlineLLM.from_engine_args(args) if inline else AsyncLLM.from_engine_args(AsyncEngineArgs(**args)),
                      tag=engine_tag(device, cfg.actor.dtype, cfg.actor.weight_quant), temperature=cfg.actor.temperature,
                      top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache,
                      coalesce=cfg.actor.coalesce_turns)
@@ -259,7 +270,8 @@ class Engine:
                 if why:
                     log.info("actor.fast_reload: not for this model (%s); weight updates use vLLM's reload", why[0])
         await engine.llm.update_weight_version("0")
-        log.info("vLLM engine up on %s (%s) in %.1f s", model_path, engine.tag, time.monotonic() - t0)
+        log.info("vLLM engine up on %s (%s, engine core %s) in %.1f s", model_path, engine.tag,
+                 "in this process" if inline else "in its own process", time.monotonic() - t0)
         return engine
 
     def sampling_params(self, max_tokens: int, ignore_eos: bool = False, n: int = 1):

@@ -40,9 +40,11 @@ def served(tiny_model_dir):
     return {0: tiny_model_dir}
 
 
-@pytest.fixture(scope="module")
-def engine(loop, tiny_model_dir):
-    eng = start_cpu_engine(loop, actor_cfg(tiny_model_dir), tiny_model_dir)
+@pytest.fixture(scope="module", params=["inline", "separate"])
+def engine(request, loop, tiny_model_dir):
+    """Every test runs on both places of vLLM's engine core (actor.engine_process): this process, stepped by the
+    loop (the CPU default), and its own process behind vLLM's AsyncLLM (the GPU default)."""
+    eng = start_cpu_engine(loop, actor_cfg(tiny_model_dir, f"actor.engine_process={request.param}"), tiny_model_dir)
     yield eng
     loop.run_until_complete(eng.shutdown())
 
@@ -515,13 +517,19 @@ def test_fast_reload_serves_exactly_what_vllms_own_reload_serves(engine, loop, s
     assert fast != before, "the reload changed nothing measurable"
 
 
-def test_cpu_engine_runs_the_model_in_its_engine_core_process(engine):
-    """actor.cpu_executor = "uni" (default): vLLM's engine core is this process's one vLLM child and starts no worker
-    process of its own (vLLM's CPU default, "mp", would); without async scheduling, weight updates send their
-    engine-core calls in pairs (Engine.ordered_utilities)."""
+def test_cpu_engine_runs_the_model_where_actor_engine_process_says(engine):
+    """actor.engine_process = "separate": vLLM's engine core is this process's one vLLM child and, with
+    actor.cpu_executor = "uni" (default), starts no worker process of its own (vLLM's CPU default, "mp", would).
+    "inline": no vLLM process at all, the engine core has stepped in this one. Without async scheduling, weight
+    updates send their engine-core calls in pairs (Engine.ordered_utilities)."""
     import psutil
 
+    from actors.inline_engine import InlineLLM
+
     cores = [p for p in psutil.Process().children() if "EngineCore" in " ".join(p.cmdline()) + p.name()]
-    assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children()]
-    assert cores[0].children(recursive=True) == [], [p.cmdline() for p in cores[0].children(recursive=True)]
+    if isinstance(engine.llm, InlineLLM):
+        assert cores == [] and engine.llm.steps > 0
+    else:
+        assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children()]
+        assert cores[0].children(recursive=True) == [], [p.cmdline() for p in cores[0].children(recursive=True)]
     assert engine.ordered_utilities
