@@ -124,10 +124,12 @@ def test_group_seed_differs_across_actors_sessions_and_groups():
     assert group_seed(0, "actor-0", "aa", 3) == group_seed(0, "actor-0", "aa", 3)
 
 
-def test_groups_in_flight_limit_keeps_two_spare_groups():
+def test_groups_in_flight_limit_keeps_half_again_as_many_spare_groups_and_at_least_two():
     assert groups_in_flight_limit(32, 8) == 6
     assert groups_in_flight_limit(12, 8) == 4
     assert groups_in_flight_limit(4, 8) == 3
+    assert groups_in_flight_limit(64, 8) == 12
+    assert groups_in_flight_limit(100, 8) == 13 + 7
 
 
 def test_spans_to_versions_tiles_or_raises():
