@@ -337,8 +337,9 @@ def test_actor_refuses_weights_announced_over_another_transport(engine, loop, co
 
 
 def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, loop, codec, tiny_model_dir, redis_url):
-    """A SIGTERM between try_admit and the group's start (the actor is catching up on weights) used to leave
-    one slot admitted and never streamed (seen in CI as produced 9 vs 8 streamed). The slot goes back."""
+    """A SIGTERM between the admission and the groups' start (the actor is catching up on weights) used to leave
+    a slot admitted and never streamed (seen in CI as produced 9 vs 8 streamed). Every slot of that admission
+    (it admits all the free places at once) goes back."""
     cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=catchup")
     actor, control, writer = make_actor(cfg, engine, codec)
     control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=1))
@@ -354,7 +355,7 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
         reason = loop.run_until_complete(asyncio.wait_for(actor.run(), 60))
     finally:
         writer.close()
-    assert reason == "signal" and caught_up == [1], "the stop did not land during the catch-up"
+    assert reason == "signal" and len(caught_up) == 1 and caught_up[0] >= 1, "the stop did not land during the catch-up"
     assert control.counters()["produced"] == 0 == control.client.xlen(control.keys.traj)
     assert control.held("actor-t") == 0
     control.close()
