@@ -1,4 +1,4 @@
-"""The actor's inference engine: one vLLM engine (``AsyncLLM`` or in-process) serving model turns, with versioned weight reloads.
+"""The actor's inference engine: one vLLM engine serving model turns, with versioned weight reloads.
 
 Used by the actor (and ``bench/rollout.py``) as::
 
@@ -258,10 +258,10 @@ class Engine:
         inline = engine_inline(cfg, device)
         # The engine lives only on the Engine (no local name): Engine.shutdown() can then free it while
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.
-        engine = cls(InlineLLM.from_engine_args(args) if inline else AsyncLLM.from_engine_args(AsyncEngineArgs(**args)),
-                     tag=engine_tag(device, cfg.actor.dtype, cfg.actor.weight_quant), temperature=cfg.actor.temperature,
-                     top_p=cfg.actor.top_p, clear_cache_on_reload=cfg.actor.reload_clear_cache,
-                     coalesce=cfg.actor.coalesce_turns)
+        build = InlineLLM.from_engine_args if inline else (lambda a: AsyncLLM.from_engine_args(AsyncEngineArgs(**a)))
+        engine = cls(build(args), tag=engine_tag(device, cfg.actor.dtype, cfg.actor.weight_quant),
+                     temperature=cfg.actor.temperature, top_p=cfg.actor.top_p,
+                     clear_cache_on_reload=cfg.actor.reload_clear_cache, coalesce=cfg.actor.coalesce_turns)
         if device == "cpu":
             await engine.llm.collective_rpc("dcrl_init_amx")
             if cfg.actor.fast_reload:
