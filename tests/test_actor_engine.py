@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from actors.actor import Actor
+from actors.actor import Actor, groups_in_flight_limit
 from envs.episode import EpisodeLimits, TextCodec, run_episode
 from buffer.admission import admission_capacity
 from envs import GuessNumber, make_env
@@ -342,7 +342,9 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
     (it admits all the free places at once) goes back."""
     cfg = actor_cfg(tiny_model_dir, f"redis.url={redis_url}", "redis.prefix=catchup")
     actor, control, writer = make_actor(cfg, engine, codec)
-    control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=1))
+    control.write_control(Control(version=engine.version, max_staleness=0, batch_groups=3))  # capacity >= 3
+    room = min(admission_capacity(engine.version, 0, 3),
+               groups_in_flight_limit(cfg.actor.concurrency, cfg.actor.group_size))
     caught_up = []
 
     async def stop_while_catching_up(ctrl):  # the stop lands while the catch-up waits on something slow
@@ -355,7 +357,8 @@ def test_actor_stopped_during_weights_catch_up_gives_its_admission_back(engine, 
         reason = loop.run_until_complete(asyncio.wait_for(actor.run(), 60))
     finally:
         writer.close()
-    assert reason == "signal" and len(caught_up) == 1 and caught_up[0] >= 1, "the stop did not land during the catch-up"
+    assert reason == "signal" and len(caught_up) == 1, "the stop did not land during the catch-up"
+    assert caught_up == [room], "the actor did not admit every free place in one call"
     assert control.counters()["produced"] == 0 == control.client.xlen(control.keys.traj)
     assert control.held("actor-t") == 0
     control.close()
