@@ -537,3 +537,57 @@ def test_cpu_engine_runs_the_model_where_actor_engine_process_says(engine):
         assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children()]
         assert cores[0].children(recursive=True) == [], [p.cmdline() for p in cores[0].children(recursive=True)]
     assert engine.ordered_utilities
+
+
+def test_a_cancelled_turn_leaves_no_request_in_the_engine(engine, loop):
+    """Cancelling the caller of a turn aborts its vLLM request: inline, the engine core then holds no unfinished
+    request and stops stepping (the stepping task would otherwise run the abandoned request to its end)."""
+    from actors.inline_engine import InlineLLM
+
+    async def cancel_mid_turn():
+        turn = asyncio.create_task(engine.generate(list(range(20, 30)), 200, f"cancel-{engine.version}",
+                                                   ignore_eos=True))
+        await asyncio.sleep(0.3)
+        assert not turn.done(), "the turn ended before it could be cancelled"
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        await asyncio.sleep(0.1)
+
+    llm = engine.llm
+    steps = getattr(llm, "steps", 0)
+    loop.run_until_complete(cancel_mid_turn())
+    if isinstance(llm, InlineLLM):
+        assert not llm._engine.has_unfinished_requests() and llm._outputs == {}
+        idle = llm.steps
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert llm.steps == idle > steps, "the engine kept stepping after the abort"
+
+
+def test_an_inline_engine_whose_step_fails_fails_every_waiting_turn_and_stays_dead(loop, tiny_model_dir):
+    """A vLLM step that raises (inline): every turn waiting on the engine fails with that error, later turns fail at
+    once naming it, and shutdown still releases the engine (as AsyncLLM does when its engine-core process dies)."""
+    eng = start_cpu_engine(loop, actor_cfg(tiny_model_dir, "actor.engine_process=inline"), tiny_model_dir)
+    real_step = eng.llm._engine.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated engine failure")
+        return real_step()
+
+    eng.llm._engine.step = failing_step
+
+    async def scenario():
+        turns = [asyncio.create_task(eng.generate(list(range(20, 30)), 50, f"dead-{i}", ignore_eos=True))
+                 for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*turns, return_exceptions=True), 60)  # not left waiting
+
+    try:
+        results = loop.run_until_complete(scenario())
+        assert all(isinstance(r, RuntimeError) and "simulated engine failure" in str(r) for r in results), results
+        with pytest.raises(RuntimeError, match="engine is dead.*simulated engine failure"):
+            loop.run_until_complete(eng.generate([20, 21], 5, "after"))
+    finally:
+        loop.run_until_complete(eng.shutdown())
