@@ -545,9 +545,9 @@ def test_a_cancelled_turn_leaves_no_request_in_the_engine(engine, loop):
     from actors.inline_engine import InlineLLM
 
     async def cancel_mid_turn():
-        turn = asyncio.create_task(engine.generate(list(range(20, 30)), 200, f"cancel-{engine.version}",
+        turn = asyncio.create_task(engine.generate(list(range(20, 30)), 240, f"cancel-{engine.version}",
                                                    ignore_eos=True))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.15)  # 240 tokens one step at a time take ~0.6 s here
         assert not turn.done(), "the turn ended before it could be cancelled"
         turn.cancel()
         with pytest.raises(asyncio.CancelledError):
