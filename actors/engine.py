@@ -130,6 +130,20 @@ def prepare_device_env(cfg: "DcrlConfig", replica: int, environ: dict[str, str] 
     return "cpu"
 
 
+def cpu_bf16_is_emulated(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU lacks native bf16 matmuls (no ``avx512_bf16`` / ``amx_bf16`` flag in ``cpuinfo``,
+    default ``/proc/cpuinfo``). There, vLLM's CPU kernels widen every bf16 weight to fp32 per matmul: on the
+    2-core AVX2 machine of the README, ``bench/rollout.py --config small`` made 450-490 tokens/s in bf16 against
+    2,100-2,260 in fp32. False where the flags cannot be read (not Linux, not x86)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is not None and "avx2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
+
+
 def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, replica: int = 0) -> dict[str, Any]:
     """``AsyncEngineArgs`` for the actor: behaviour logprobs after temperature (``processed_logprobs``),
     prefix caching (each multi-turn turn resubmits the whole context), the run's context length.
@@ -255,6 +269,9 @@ class Engine:
 
         t0 = time.monotonic()
         args = engine_args(cfg, model_path, device, replica)
+        if device == "cpu" and cfg.actor.dtype == "bfloat16" and cpu_bf16_is_emulated():
+            log.warning("actor.dtype = bfloat16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): vLLM "
+                        "generates ~4x slower than with actor.dtype = float32 here")
         inline = engine_inline(cfg, device)
         # The engine lives only on the Engine (no local name): Engine.shutdown() can then free it while
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.

@@ -209,3 +209,16 @@ def test_sampled_logprobs_reads_vllms_flat_form():
     assert sampled_logprobs(ids, flat) == [float(pos[t].logprob) for t, pos in zip(ids, per_position)] == values
     with pytest.raises(RuntimeError, match="other than the 4 sampled"):
         sampled_logprobs([5, 9, 5, 3], flat)
+
+
+def test_cpu_bf16_is_emulated_reads_the_cpu_flags():
+    from actors.engine import cpu_bf16_is_emulated
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+    assert cpu_bf16_is_emulated(avx2)
+    assert not cpu_bf16_is_emulated(avx2.replace("fma", "fma avx512f avx512_bf16"))
+    assert not cpu_bf16_is_emulated(avx2.replace("fma", "fma amx_bf16 amx_tile"))
+    assert not cpu_bf16_is_emulated("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # no x86 flags line
+    assert not cpu_bf16_is_emulated("")
+    # this machine's answer agrees with its own flags
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert cpu_bf16_is_emulated() == cpu_bf16_is_emulated(flags)
