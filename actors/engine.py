@@ -144,6 +144,14 @@ def cpu_bf16_is_emulated(cpuinfo: str | None = None) -> bool:
     return flags is not None and "avx2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
+def dtype_warning(dtype: str, device: str, cpuinfo: str | None = None) -> str | None:
+    """The warning the actor logs at engine start for ``actor.dtype`` on this device, or None."""
+    if device == "cpu" and dtype == "bfloat16" and cpu_bf16_is_emulated(cpuinfo):
+        return ("actor.dtype = bfloat16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): vLLM generated "
+                "~4x slower than with actor.dtype = float32 on such a CPU (bench/rollout.py, README)")
+    return None
+
+
 def engine_args(cfg: "DcrlConfig", model_path: str | os.PathLike, device: str, replica: int = 0) -> dict[str, Any]:
     """``AsyncEngineArgs`` for the actor: behaviour logprobs after temperature (``processed_logprobs``),
     prefix caching (each multi-turn turn resubmits the whole context), the run's context length.
@@ -269,9 +277,8 @@ class Engine:
 
         t0 = time.monotonic()
         args = engine_args(cfg, model_path, device, replica)
-        if device == "cpu" and cfg.actor.dtype == "bfloat16" and cpu_bf16_is_emulated():
-            log.warning("actor.dtype = bfloat16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): vLLM "
-                        "generates ~4x slower than with actor.dtype = float32 here")
+        if warning := dtype_warning(cfg.actor.dtype, device):
+            log.warning(warning)
         inline = engine_inline(cfg, device)
         # The engine lives only on the Engine (no local name): Engine.shutdown() can then free it while
         # the interpreter is intact, instead of its __del__ running (and failing) at interpreter teardown.

@@ -220,5 +220,16 @@ def test_cpu_bf16_is_emulated_reads_the_cpu_flags():
     assert not cpu_bf16_is_emulated("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # no x86 flags line
     assert not cpu_bf16_is_emulated("")
     # this machine's answer agrees with its own flags
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert cpu_bf16_is_emulated() == cpu_bf16_is_emulated(flags)
+
+
+def test_the_engine_start_warns_of_bf16_only_on_a_cpu_that_emulates_it():
+    from actors.engine import dtype_warning
+    avx2 = "flags\t\t: fpu sse sse2 avx avx2 fma\n"
+    native = avx2.replace("fma", "fma avx512f avx512_bf16")
+    assert "actor.dtype = bfloat16" in dtype_warning("bfloat16", "cpu", avx2)
+    assert "actor.dtype = float32" in dtype_warning("bfloat16", "cpu", avx2)
+    assert dtype_warning("float32", "cpu", avx2) is None
+    assert dtype_warning("bfloat16", "cpu", native) is None
+    assert dtype_warning("bfloat16", "cuda", avx2) is None
