@@ -343,6 +343,11 @@ class ControllerConfig(_Strict):
     auto_slack: float = Field(0.5, gt=-1)
     """delta = "auto": the tolerance is (1 + auto_slack) x the measured engine floor. Below 0 the tolerance is
     under the floor itself (a constraint the engine alone violates: the low end of a tolerance sweep)."""
+    delta_min: float = Field(0.0, ge=0)
+    """delta = "auto": the tolerance is at least this (0: no minimum). The auto tolerance scales with the engine
+    mismatch alone; an actor that matches the learner (fp32 vLLM against an fp32 learner) measures a floor near
+    0, and the tolerance then forbids any policy lag: DCMDP throttles K to 0 and the job runs synchronously. A
+    minimum, in the units of ``metric``, keeps room for lag whatever the engine floor."""
     warmup_steps: int = Field(1, ge=1)
     """Observations with lag-0 tokens whose engine floor is averaged for delta = "auto" (see
     learner.controller.DCMDPController): one batch is a noisy estimate."""

@@ -129,16 +129,18 @@ WARMUP_LIMIT = 4
 """Warm-up ends after this many times ``controller.warmup_steps`` observations even if too few held lag-0 tokens."""
 
 
-def auto_delta(engine_floors: list[float], slack: float, weights: list[float] | None = None) -> float:
+def auto_delta(engine_floors: list[float], slack: float, weights: list[float] | None = None,
+               minimum: float = 0.0) -> float:
     """delta = (1 + slack) * the mean of the engine floors measured during warm-up, weighted by ``weights``
-    (the lag-0 token count behind each floor) when given.
+    (the lag-0 token count behind each floor) when given, and at least ``minimum`` (``controller.delta_min``).
 
-    A zero floor (actor and learner bit-identical) leaves no tolerance to normalise by: ValueError."""
+    A zero floor (actor and learner bit-identical) with no minimum leaves no tolerance to normalise by:
+    ValueError."""
     w = weights if weights is not None else [1.0] * len(engine_floors)
-    delta = (1.0 + slack) * sum(f * x for f, x in zip(engine_floors, w)) / sum(w)
+    delta = max((1.0 + slack) * sum(f * x for f, x in zip(engine_floors, w)) / sum(w), minimum)
     if not delta > 0:
         raise ValueError(f"controller.delta = 'auto' measured an engine floor of {delta / (1.0 + slack)!r}; "
-                         "set controller.delta explicitly")
+                         "set controller.delta explicitly or a controller.delta_min > 0")
     return delta
 
 
@@ -178,7 +180,8 @@ class DCMDPController:
     none of the first ``WARMUP_LIMIT x warmup_steps`` observations has one. (Measured on the tiny preset:
     the lag-0 D of single batches ranges 0.002-0.008 around a median of 0.0035, so a one-batch floor moved
     delta by 2x from run to run, and the throttle's K and the wall time with it.) With ``delta = "auto"``
-    the tolerance becomes (1 + auto_slack) * that floor when warm-up ends (provisional before). During
+    the tolerance becomes (1 + auto_slack) * that floor, at least ``delta_min``, when warm-up ends
+    (provisional before). During
     warm-up lambda stays at ``lambda_init``, K = 0 and the dual does not move: with no tolerance
     yet there is no violation to react to. The dual updates start with the next observation, from
     lambda_init (the PID integral starts there too).
@@ -217,8 +220,8 @@ class DCMDPController:
         if self.delta is not None:
             return self.delta
         if self.warmup_floors:
-            return auto_delta(self.warmup_floors, self.cfg.auto_slack, self.warmup_weights)
-        return auto_delta(self.warmup_totals, self.cfg.auto_slack)
+            return auto_delta(self.warmup_floors, self.cfg.auto_slack, self.warmup_weights, self.cfg.delta_min)
+        return auto_delta(self.warmup_totals, self.cfg.auto_slack, minimum=self.cfg.delta_min)
 
     def _update_estimates(self, stats: "DiscrepancyStats") -> None:
         floor = stats.engine

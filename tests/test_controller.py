@@ -293,6 +293,28 @@ def test_controller_auto_delta_zero_floor_raises():
         c.observe(_stats(0.0, engine=0.0))
 
 
+def test_controller_auto_delta_has_a_minimum_that_keeps_room_for_lag():
+    """An fp32 actor against an fp32 learner: the floor is ~0, so (1 + slack) x floor forbids any lag and K
+    falls to 0 (measured on the small preset); delta_min keeps the tolerance, and with it K, where lag fits."""
+    floor, lagged = 1e-5, _stats(0.008, engine=1e-5, kappa=0.002)  # lag costs 0.002 of D per version
+    bare = ctl.DCMDPController(_cfg(delta="auto", auto_slack=11.0, k_step=0))
+    kept = ctl.DCMDPController(_cfg(delta="auto", auto_slack=11.0, k_step=0, delta_min=0.01))
+    for c in (bare, kept):
+        c.observe(_stats(floor, engine=floor))  # warm-up
+    bare_out = [bare.observe(lagged) for _ in range(5)][-1]
+    kept_out = [kept.observe(lagged) for _ in range(5)][-1]
+    assert bare.delta == pytest.approx(12 * floor) and bare_out.lam > 1 and bare_out.k == 0
+    assert kept.delta == pytest.approx(0.01) and kept_out.lam == 0 and kept_out.k == 4
+    # a floor whose own tolerance is larger than the minimum is left as it is
+    big = ctl.DCMDPController(_cfg(delta="auto", auto_slack=11.0, delta_min=0.01))
+    big.observe(_stats(0.002, engine=0.002))
+    big.observe(lagged)
+    assert big.delta == pytest.approx(0.024)
+    # and a zero floor no longer needs an explicit delta
+    zero = ctl.DCMDPController(_cfg(delta="auto", delta_min=0.01))
+    assert zero.observe(_stats(0.0, engine=0.0)).delta == pytest.approx(0.01)
+
+
 def test_controller_fits_lag_slope_across_batches_of_single_lags():
     # Each batch holds one lag only (no slope of its own); the lag curve across batches still gives kappa.
     c = ctl.DCMDPController(ControllerConfig(delta=0.02, warmup_steps=1, fit_alpha=1.0))
